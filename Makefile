@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each does its own setup.
+#
+# EDGE_RUNTIME=gpu installs onnxruntime-gpu instead of onnxruntime (default: gpu when `nvidia-smi -L`
+# lists a GPU, else cpu). The two never share one environment: switching uninstalls the other.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+EDGE_RUNTIME ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+EDGE_EXTRA := $(if $(filter gpu,$(EDGE_RUNTIME)),edge-gpu,edge)
+OTHER_ORT := $(if $(filter gpu,$(EDGE_RUNTIME)),onnxruntime,onnxruntime-gpu)
+STAMP := $(VENV)/.installed-$(EDGE_RUNTIME)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# Re-run only when the dependency files change: a second `make setup` is a no-op.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
+	$(PIP) uninstall -q -y $(OTHER_ORT) 2>/dev/null || true
+	# torch first and pinned: the constraints file keeps pip from ever resolving a newer (CUDA) build.
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[$(EDGE_EXTRA),cloud,export,sim,dev]"
+	@touch $@
+
+demo: setup
+	$(PY) -m demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build reports/bench_cache .pytest_cache

@@ -1,0 +1,5 @@
+"""Benchmarks behind ``make bench`` (``python -m bench``): each writes its own section of reports/bench.json.
+
+``bench.edge_decode``: decode tokens/s of the ONNX edge loop vs PyTorch eager ``generate`` on CPU, with
+the edge step time split into ORT forward vs the rest of the loop.
+"""

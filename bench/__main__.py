@@ -1,0 +1,54 @@
+"""`python -m bench`: run the edge decode benchmark, merge its section into reports/bench.json, print a table."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from bench import edge_decode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--out", type=Path, default=edge_decode.DEFAULT_OUT, help="JSON report (merged into)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per run (>= 2)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both ORT and PyTorch")
+    parser.add_argument(
+        "--slm",
+        type=Path,
+        default=edge_decode.DEFAULT_SLM_DIR,
+        help="demo SLM transformers folder (its tokenizer is also the 50M model's)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=edge_decode.DEFAULT_CACHE_DIR,
+        help="where the 50M model and the ONNX exports are built once and reused",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.tokens < 2 or args.threads < 1:
+        print("python -m bench: error: need --repeats >= 1, --tokens >= 2, --threads >= 1", file=sys.stderr)
+        return 2
+    try:
+        models = edge_decode.prepare_default_models(args.slm, args.cache)
+    except FileNotFoundError as exc:
+        print(f"python -m bench: error: {exc}", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "-m", "bench", *argv])
+    section = edge_decode.run(models, args.repeats, args.tokens, args.threads, command)
+    edge_decode.merge_report(args.out, "edge", section)
+    print(edge_decode.format_table(section))
+    print(f"\nwrote {args.out} (section 'edge')")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

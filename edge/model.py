@@ -1,0 +1,28 @@
+"""An exported edge model folder, loaded: manifest, tokenizer (the `tokenizers` library) and ORT runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from edge.manifest import load_manifest
+from edge.runtime import OnnxCausalLM
+
+
+class EdgeModel:
+    """What the edge needs of a model: encode/decode text, run the decoder, know its EOS ids."""
+
+    def __init__(self, folder: str | Path, providers: str | list[str] | None = "auto", threads: int = 0):
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.runtime = OnnxCausalLM(self.folder / self.manifest.model_file, providers=providers, threads=threads)
+        self.eos_ids = frozenset(self.manifest.eos_token_ids)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, with the special tokens the tokenizer's template adds (e.g. BOS)."""
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,146 @@
+"""ONNX Runtime session for a causal LM exported by optimum (`text-generation-with-past`), with a KV cache.
+
+What this wrapper guarantees:
+- Execution providers TensorRT → CUDA → CPU as available (or as chosen), and ``providers`` reports the
+  ones the session *actually* runs with: ORT silently falls back to CPU when CUDA libraries are missing.
+- Inputs are fed by name, never by position: Llama, Qwen2 and GPT-2 exports differ in order and in
+  which of ``attention_mask`` / ``position_ids`` they take.
+- ``prefill`` (many tokens), ``decode`` (one token) and ``truncate`` (drop cached positions, so a later
+  rollback is cheap) on one sequence whose KV cache lives in the wrapper.
+- On CUDA, IO binding keeps the KV cache on the device between steps; only logits come back to the host.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(requested: str | list[str] | None = "auto") -> list[str]:
+    """Providers to ask ORT for: ``auto`` = every available one in preference order, else the named ones."""
+    available = ort.get_available_providers()
+    if requested in (None, "auto"):
+        return [p for p in PREFERENCE if p in available]
+    names = [requested] if isinstance(requested, str) else list(requested)
+    chosen = [PROVIDER_ALIASES.get(n.lower(), n) for n in names]
+    missing = [p for p in chosen if p not in available]
+    if missing:
+        raise ValueError(f"execution provider(s) {missing} not available here; available: {available}")
+    return chosen
+
+
+@dataclass
+class KVCache:
+    """Past keys/values of one sequence: ``arrays[name]`` is [1, kv_heads, length, head_dim]."""
+
+    arrays: dict[str, object] = field(default_factory=dict)
+    length: int = 0
+
+
+class OnnxCausalLM:
+    """One sequence's decoder: prefill, decode one token, truncate the cache."""
+
+    def __init__(self, onnx_path: str | Path, providers: str | list[str] | None = "auto", threads: int = 0):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=choose_providers(providers))
+        self.providers = self.session.get_providers()  # what really runs, after any silent fallback
+        self.on_cuda = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        self._past = {}  # name -> (kv_heads, head_dim, numpy dtype)
+        for inp in self.session.get_inputs():
+            if _PAST_RE.match(inp.name):
+                heads, dim = inp.shape[1], inp.shape[3]
+                self._past[inp.name] = (heads, dim, _ORT_TO_NUMPY.get(inp.type, np.float32))
+        self._present_for = {name: name.replace("past_key_values", "present") for name in self._past}
+        self._output_names = ["logits", *self._present_for.values()]
+        missing = [n for n in self._output_names if n not in {o.name for o in self.session.get_outputs()}]
+        if missing or "input_ids" not in self._input_names:
+            raise ValueError(f"{onnx_path} is not a text-generation-with-past export (missing {missing})")
+        self.cache = self.empty_cache()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.session.get_outputs()[0].shape[-1])
+
+    def empty_cache(self) -> KVCache:
+        arrays = {name: np.zeros((1, h, 0, d), dtype=dt) for name, (h, d, dt) in self._past.items()}
+        if self.on_cuda:
+            arrays = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in arrays.items()}
+        return KVCache(arrays, 0)
+
+    def reset(self) -> None:
+        self.cache = self.empty_cache()
+
+    def _feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Non-cache inputs, by name; only those this export declares."""
+        n_new = input_ids.shape[1]
+        total = self.cache.length + n_new
+        feeds = {"input_ids": input_ids}
+        if "attention_mask" in self._input_names:
+            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
+        if "position_ids" in self._input_names:
+            feeds["position_ids"] = np.arange(self.cache.length, total, dtype=np.int64)[None, :]
+        return feeds
+
+    def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Run ``token_ids`` after the cached context; returns logits [n_new, vocab] and extends the cache."""
+        input_ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        if input_ids.shape[1] == 0:
+            raise ValueError("forward needs at least one token")
+        feeds = self._feeds(input_ids)
+        if self.on_cuda:
+            return self._forward_bound(feeds, input_ids.shape[1])
+        outputs = self.session.run(self._output_names, {**feeds, **self.cache.arrays})
+        self.cache = KVCache(dict(zip(self._past, outputs[1:])), self.cache.length + input_ids.shape[1])
+        return outputs[0][0]
+
+    def _forward_bound(self, feeds: dict[str, np.ndarray], n_new: int) -> np.ndarray:
+        """CUDA path: the KV cache stays an OrtValue on the device; only logits are copied back."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in self.cache.arrays.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for present in self._present_for.values():
+            binding.bind_output(present, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.cache = KVCache(dict(zip(self._past, outputs[1:])), self.cache.length + n_new)
+        return outputs[0].numpy()[0]
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        """Start a new sequence from ``token_ids``; returns the logits [vocab] of the last position."""
+        self.reset()
+        return self.forward(token_ids)[-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token; returns the logits [vocab] of the next position."""
+        return self.forward([token_id])[-1]
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions (rollback after a rejected draft)."""
+        if not 0 <= length <= self.cache.length:
+            raise ValueError(f"cannot truncate a cache of {self.cache.length} positions to {length}")
+        arrays = {}
+        for name, value in self.cache.arrays.items():
+            host = value.numpy() if self.on_cuda else value
+            kept = np.ascontiguousarray(host[:, :, :length, :])
+            arrays[name] = ort.OrtValue.ortvalue_from_numpy(kept, "cuda", 0) if self.on_cuda else kept
+        self.cache = KVCache(arrays, length)

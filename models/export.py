@@ -1,0 +1,151 @@
+"""Export a causal LM (hub id or local folder) to ONNX for the edge, check parity, write the manifest.
+
+The path is the one real models take: optimum's ``main_export`` with task ``text-generation-with-past``.
+Options: ``fp16`` (float16 weights and compute, fp32 inputs/outputs so the edge feeds the same arrays),
+``int8`` (dynamic quantization of MatMul only: with tied embeddings, quantizing the Gather too makes
+decoding slower). Afterwards ONNX logits are compared with PyTorch's on a few prompts, through the edge's
+own runtime (prefill and a KV-cached decode step); the export fails above a tolerance.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edge.manifest import Manifest
+from edge.runtime import OnnxCausalLM
+from proto.fingerprint import tokenizer_hash
+
+MODEL_FILE = "model.onnx"
+# Max |logit difference| allowed vs PyTorch fp32, per export dtype (int8 is a lossy approximation).
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 1.0}
+PARITY_PROMPTS = ["Q:7+5-3+8 A:", "def main():\n    return", "The quick brown fox"]
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _optimum_export(model: str, out: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    main_export(
+        model,
+        output=out,
+        task="text-generation-with-past",
+        device="cpu",
+        do_validation=False,  # parity is checked below, through the edge runtime itself
+        library_name="transformers",
+    )
+
+
+def _convert_fp16(path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    # keep_io_types: inputs, outputs and the KV cache stay fp32, so the edge code is dtype-agnostic.
+    model = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(model, str(path))
+
+
+def _quantize_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name("model.int8.onnx")
+    quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    for stale in path.parent.glob(MODEL_FILE + "*"):  # model.onnx and any external-data file
+        stale.unlink()
+    tmp.rename(path)
+
+
+def parity_check(model_source: str, onnx_path: Path, prompts: list[str] = PARITY_PROMPTS) -> dict:
+    """Max |logits_onnx - logits_torch| over prompt positions and one cached decode step per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source)
+    reference = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32).eval()
+    runtime = OnnxCausalLM(onnx_path, providers="cpu")
+    worst, top1_agree, n = 0.0, 0, 0
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.inference_mode():
+            ref = reference(torch.tensor([ids])).logits[0].numpy()  # [T, V]
+        if len(ids) < 2:
+            raise ExportError(f"parity prompt {prompt!r} tokenizes to fewer than 2 tokens")
+        runtime.reset()
+        prefix = runtime.forward(ids[:-1])  # [T-1, V] in one prefill
+        last = runtime.decode(ids[-1])[None, :]  # [1, V]: the last position through the KV cache
+        got = np.concatenate([prefix, last])
+        worst = max(worst, float(np.abs(got - ref).max()))
+        top1_agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        n += len(ids)
+    return {"max_abs_diff": worst, "top1_agreement": top1_agree / n, "positions": n, "prompts": len(prompts)}
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _eos_ids(model_source: str) -> list[int]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    eos = getattr(AutoConfig.from_pretrained(model_source), "eos_token_id", None)
+    if eos is None:
+        eos = AutoTokenizer.from_pretrained(model_source).eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
+def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) -> Manifest:
+    """Export ``model`` into ``out`` (model.onnx, tokenizer, manifest.json); returns the manifest."""
+    if fp16 and int8:
+        raise ExportError("choose at most one of --fp16 and --int8")
+    dtype = "fp16" if fp16 else "int8" if int8 else "fp32"
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        staging = Path(tmp) / "export"
+        _optimum_export(model, staging)
+        onnx_path = staging / MODEL_FILE
+        if fp16:
+            _convert_fp16(onnx_path)
+        if int8:
+            _quantize_int8(onnx_path)
+        parity = parity_check(model, onnx_path)
+        parity["tolerance"] = TOLERANCE[dtype]
+        if parity["max_abs_diff"] > parity["tolerance"]:
+            raise ExportError(
+                f"ONNX logits differ from PyTorch by {parity['max_abs_diff']:.3g} "
+                f"(> tolerance {parity['tolerance']} for {dtype}); the export is not trustworthy"
+            )
+        runtime = OnnxCausalLM(onnx_path, providers="cpu")
+        from transformers import AutoConfig, AutoTokenizer
+
+        if not (staging / "tokenizer.json").is_file():
+            AutoTokenizer.from_pretrained(model).save_pretrained(str(staging))
+        tok = AutoTokenizer.from_pretrained(model)
+        manifest = Manifest(
+            source=str(model),
+            model_file=MODEL_FILE,
+            model_type=AutoConfig.from_pretrained(model).model_type,
+            vocab_size=runtime.vocab_size,
+            tokenizer_hash=tokenizer_hash(staging / "tokenizer.json"),
+            bos_token_id=tok.bos_token_id,
+            eos_token_ids=_eos_ids(model),
+            inputs=[i.name for i in runtime.session.get_inputs()],
+            outputs=[o.name for o in runtime.session.get_outputs()],
+            dtype=dtype,
+            opset=_opset(onnx_path),
+            parity=parity,
+        )
+        manifest.save(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(staging), str(out))
+    return manifest

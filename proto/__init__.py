@@ -1,0 +1,1 @@
+"""The wire contract shared by edge and cloud: model-pair fingerprint (and, later, messages and codec)."""
