@@ -102,7 +102,11 @@ def build_random_llama(config, out_dir: Path, tokenizer_source: str | Path, seed
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    stamp = {"config": config.to_json_string(use_diff=True), "seed": seed, "tokenizer": str(tokenizer_source)}
+    from proto.fingerprint import tokenizer_hash
+
+    # By content, not path: the same tokenizer copied elsewhere must not force a rebuild and re-export.
+    tok_hash = tokenizer_hash(Path(tokenizer_source) / "tokenizer.json")
+    stamp = {"config": config.to_json_string(use_diff=True), "seed": seed, "tokenizer": tok_hash}
     if _read_stamp(out_dir) == stamp and (out_dir / "model.safetensors").is_file():
         return out_dir
     if out_dir.exists():
@@ -119,11 +123,7 @@ def export_cached(hf_dir: Path, out_dir: Path, dtype: str) -> Path:
     """ONNX export of ``hf_dir`` in ``dtype`` (fp32 | int8) into ``out_dir``, redone only if the weights changed."""
     from models.export import export_model
 
-    stamp = {
-        "source": str(hf_dir),
-        "weights": _files_digest(hf_dir, ("config.json", "model.safetensors")),
-        "dtype": dtype,
-    }
+    stamp = {"weights": _files_digest(hf_dir, ("config.json", "model.safetensors")), "dtype": dtype}
     if _read_stamp(out_dir) == stamp and (out_dir / "manifest.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)

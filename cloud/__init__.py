@@ -1,0 +1,1 @@
+"""Cloud side: the verifier service running the large PyTorch model (engine, rejection math, gRPC server)."""

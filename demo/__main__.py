@@ -1,7 +1,13 @@
-"""`python -m demo`: export the demo SLM if needed, run it on held-out problems, print and save a table.
+"""`python -m demo` (`make demo`): the hybrid system end to end on the committed demo pair.
 
-For now the edge runs SLM-only (the hybrid configurations join when the verifier exists). Writes
-``reports/demo.json`` as ``{"rows": [{"config": ..., "accuracy": ..., ...}]}``.
+1. Export the demo SLM to ONNX (optimum) unless already exported.
+2. Start the verifier (`python -m cloud serve`, the demo LLM) on a free loopback port.
+3. Calibrate thresholds on training-split problems (verify-all, the verifier reports q(x)).
+4. Run the held-out problems under six configurations of the same code: slm-only, llm-only (the
+   verifier generates), hlm (verify all, full32), u-hlm (K=20 perturbation vs the draft, full32, its
+   risk-averse threshold), cu-hlm (same estimator, top-30 with 8-bit probabilities) and default (this
+   project's draft-independent estimator, adaptive codec, empirically chosen threshold).
+5. Print one table and write ``reports/demo.json``; stop the server.
 """
 
 from __future__ import annotations
@@ -9,74 +15,163 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from edge.generate import generate_local
+from cloud.launch import VerifierProcess
+from edge.calibration import beta, empirical_threshold, fit_line
+from edge.client import VerifierSession, connect, generate_remote
+from edge.hybrid import HybridConfig, generate_hybrid
 from edge.model import EdgeModel
 from edge.sampling import SamplingSettings
+from edge.uncertainty import DEFAULT_ESTIMATOR
 from models.demo_pair import COMMITTED_PAIR
-from models.task import held_out_problems, is_correct
+from models.task import MAX_SOLUTION_TOKENS, held_out_problems, is_correct, sample_problems
 
 BUILD = Path("build/demo")
 REPORT = Path("reports/demo.json")
+REJECTION_TARGET = 0.002  # default threshold: skipped tokens' mean rejection probability stays below this
 
 
 def ensure_export(source: Path, out: Path) -> Path:
     """Export ``source`` to ONNX unless an export of it already exists (and is newer than its weights)."""
     manifest = out / "manifest.json"
-    weights = source / "model.safetensors"
-    if manifest.is_file() and manifest.stat().st_mtime >= weights.stat().st_mtime:
+    if manifest.is_file() and manifest.stat().st_mtime >= (source / "model.safetensors").stat().st_mtime:
         return out
     from models.export import export_model  # torch/optimum only when an export is really needed
 
-    print(f"exporting {source} -> {out} (ONNX, optimum) ...")
+    print(f"exporting {source} -> {out} (ONNX via optimum) ...")
     export_model(str(source), out)
     return out
 
 
-def run_slm_only(model: EdgeModel, n: int, settings: SamplingSettings, seed: int) -> dict:
-    problems = held_out_problems(n)
-    correct, tokens, decode_s = 0, 0, 0.0
-    t0 = time.perf_counter()
-    for i, problem in enumerate(tqdm(problems, desc="slm-only", unit="problem")):
-        result = generate_local(model, model.encode(problem.prompt), 48, settings, seed=seed + i)
-        correct += is_correct(problem, result.text)
-        tokens += len(result.token_ids)
-        decode_s += result.decode_seconds
-    wall = time.perf_counter() - t0
+class Runner:
+    """Runs problems through one configuration against one verifier channel, and aggregates."""
+
+    def __init__(self, model: EdgeModel, channel, settings: SamplingSettings, seed: int):
+        self.model, self.channel, self.settings, self.seed = model, channel, settings, seed
+
+    def session_opener(self, config: HybridConfig, seed: int, report_q: bool = False):
+        def open_session(prompt_ids):
+            return VerifierSession(self.channel, self.model.manifest.fingerprint, prompt_ids, self.settings,
+                                   config.codec, seed=seed, report_target_prob=report_q)
+        return open_session
+
+    def hybrid(self, name: str, config: HybridConfig, problems, verify: bool = True, report_q: bool = False):
+        rows = []
+        for i, problem in enumerate(tqdm(problems, desc=name, unit="problem", leave=False)):
+            seed = self.seed + i
+            opener = self.session_opener(config, seed, report_q) if verify else None
+            result = generate_hybrid(self.model, self.model.encode(problem.prompt), config, seed=seed,
+                                     open_session=opener)
+            rows.append((problem, result))
+        return rows
+
+    def llm_only(self, problems):
+        correct = tokens = up = 0
+        seconds = 0.0
+        for i, problem in enumerate(tqdm(problems, desc="llm-only", unit="problem", leave=False)):
+            t0 = time.perf_counter()
+            ids, req_bytes, _ = generate_remote(self.channel, self.model.manifest.fingerprint,
+                                                self.model.encode(problem.prompt), self.settings,
+                                                MAX_SOLUTION_TOKENS, sorted(self.model.eos_ids), seed=self.seed + i)
+            seconds += time.perf_counter() - t0
+            correct += is_correct(problem, self.model.decode(ids))
+            tokens, up = tokens + len(ids), up + req_bytes
+        return {"config": "llm-only", "accuracy": correct / len(problems), "transmission_rate": 1.0,
+                "acceptance_rate": None, "uplink_bytes_per_token": up / tokens, "tokens_per_s": tokens / seconds}
+
+
+def summarize(name: str, rows) -> dict:
+    records = [r for _, res in rows for r in res.records]
+    sent = [r for r in records if r.sent]
+    tokens = sum(len(res.token_ids) for _, res in rows)
     return {
-        "config": "slm-only",
-        "accuracy": correct / n,
-        "retention": None,  # needs LLM-only, which arrives with the verifier
-        "transmission_rate": 0.0,
-        "acceptance_rate": None,
-        "uplink_bytes_per_token": 0.0,
-        "tokens_per_s": tokens / wall,
-        "decode_tokens_per_s": tokens / decode_s,
-        "problems": n,
+        "config": name,
+        "accuracy": sum(is_correct(p, res.text) for p, res in rows) / len(rows),
+        "transmission_rate": len(sent) / len(records),
+        "acceptance_rate": (sum(bool(r.accepted) for r in sent) / len(sent)) if sent else None,
+        "uplink_bytes_per_token": sum(res.uplink_bytes for _, res in rows) / tokens,
+        "tokens_per_s": tokens / sum(res.seconds for _, res in rows),
     }
 
 
+def calibrate(runner: Runner, n: int) -> dict:
+    """Verify-all on training-split problems; per estimator, (u, beta) pairs -> fit and thresholds."""
+    config = HybridConfig(threshold=float("-inf"), codec=_codec("full32"), settings=runner.settings,
+                          max_new_tokens=MAX_SOLUTION_TOKENS, record_all_estimators=True)
+    rows = runner.hybrid("calibration", config, sample_problems(n, "train", seed=777), report_q=True)
+    records = [r for _, res in rows for r in res.records]
+    b = beta([r.draft_prob for r in records], [r.target_prob for r in records])
+    out = {}
+    for name in records[0].u_all:
+        u = np.array([r.u_all[name] for r in records])
+        fit = fit_line(u, b)
+        out[name] = {"a": fit.a, "b": fit.b, "r2": fit.r2, "risk_averse": fit.risk_averse_threshold,
+                     "empirical": empirical_threshold(u, b, REJECTION_TARGET)}
+    return out
+
+
+def _codec(name: str):
+    from proto.codec import CodecSpec
+
+    return CodecSpec(name)
+
+
+def print_table(rows: list[dict], thresholds: dict) -> None:
+    head = f"{'config':<10} {'accuracy':>8} {'retention':>9} {'TR':>6} {'accept':>7} {'uplink B/tok':>12} {'tok/s':>7}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}"
+        print(f"{r['config']:<10} {r['accuracy']:>8.3f} {r['retention']:>9.3f} {r['transmission_rate']:>6.3f} "
+              f"{acc:>7} {r['uplink_bytes_per_token']:>12.1f} {r['tokens_per_s']:>7.1f}")
+    print("thresholds: " + ", ".join(f"{k}={v:.4g}" for k, v in thresholds.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
-    parser.add_argument("--problems", type=int, default=200, help="held-out problems to run")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=200, help="held-out problems per configuration")
+    parser.add_argument("--calibration-problems", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    slm_dir = ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx")
-    model = EdgeModel(slm_dir, providers="auto")
-    example = held_out_problems(1)[0]
-    sample = generate_local(model, model.encode(example.prompt), 48, SamplingSettings(0.0))
-    print(f"example: {example.prompt}{sample.text}   (correct: {example.answer})")
-    rows = [run_slm_only(model, args.problems, SamplingSettings(args.temperature), args.seed)]
-    print(f"\n{'config':<10} {'accuracy':>9} {'TR':>6} {'uplink B/tok':>13} {'tok/s':>8}   providers={model.runtime.providers}")
-    for r in rows:
-        print(f"{r['config']:<10} {r['accuracy']:>9.3f} {r['transmission_rate']:>6.2f} "
-              f"{r['uplink_bytes_per_token']:>13.1f} {r['tokens_per_s']:>8.1f}")
+
+    model = EdgeModel(ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx"), providers="auto")
+    settings = SamplingSettings(temperature=args.temperature)
+    problems = held_out_problems(args.problems)
+    print(f"edge providers: {model.runtime.providers}; starting the verifier ...")
+    with VerifierProcess(str(COMMITTED_PAIR / "llm")) as verifier:
+        channel = connect(verifier.address)
+        runner = Runner(model, channel, settings, args.seed)
+        cal = calibrate(runner, args.calibration_problems)
+        u_hlm_th = cal["uhlm"]["risk_averse"]
+        default_th = cal[DEFAULT_ESTIMATOR]["empirical"]
+        base = HybridConfig(settings=settings, max_new_tokens=MAX_SOLUTION_TOKENS)
+        configs = {
+            "slm-only": (replace(base, threshold=float("inf"), codec=_codec("full32")), False),
+            "hlm": (replace(base, threshold=float("-inf"), codec=_codec("full32")), True),
+            "u-hlm": (replace(base, threshold=u_hlm_th, estimator="uhlm", codec=_codec("full32")), True),
+            "cu-hlm": (replace(base, threshold=u_hlm_th, estimator="uhlm", codec=_codec("topk")), True),
+            "default": (replace(base, threshold=default_th, estimator=DEFAULT_ESTIMATOR, codec=_codec("adaptive")),
+                        True),
+        }
+        table = [runner.llm_only(problems)]
+        for name, (config, verify) in configs.items():
+            table.append(summarize(name, runner.hybrid(name, config, problems, verify=verify)))
+        channel.close()
+    llm_acc = table[0]["accuracy"]
+    for row in table:
+        row["retention"] = row["accuracy"] / llm_acc if llm_acc else 0.0
+    order = ["slm-only", "llm-only", "hlm", "u-hlm", "cu-hlm", "default"]
+    table.sort(key=lambda r: order.index(r["config"]))
+    print_table(table, {"u-hlm/cu-hlm (uhlm, risk-averse)": u_hlm_th, f"default ({DEFAULT_ESTIMATOR})": default_th})
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    REPORT.write_text(json.dumps({"rows": table, "problems": args.problems, "temperature": args.temperature,
+                                  "calibration": cal, "seed": args.seed}, indent=2) + "\n")
     print(f"wrote {REPORT}")
     return 0
 

@@ -1,33 +1,86 @@
-"""Command line of `python -m edge`: generate text with the exported SLM (SLM-only for now)."""
+"""Command line of `python -m edge`: generate text with the exported SLM, alone or with a verifier."""
 
 from __future__ import annotations
 
 import json
+import math
 
-from edge.cli_errors import OneLineParser, non_negative_float, positive_int, run_cli
+from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, run_cli
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
+from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS
+from proto.codec import CODEC_NAMES
+
+DEFAULT_THRESHOLD = 0.05  # replaced by a calibrated value with --calibration (issue 4)
+
+
+def _local(args, model, settings) -> dict:
+    from edge.generate import generate_local
+
+    result = generate_local(model, model.encode(args.prompt), args.max_new_tokens, settings, seed=args.seed)
+    print(args.prompt + result.text)
+    return {"tokens": len(result.token_ids), "tokens_per_s": round(result.tokens_per_s, 1),
+            "prefill_ms": round(result.prefill_seconds * 1e3, 2), "loop_overhead": round(result.loop_overhead, 3)}
+
+
+def _hybrid(args, model, settings) -> dict:
+    from edge.client import VerifierSession, connect
+    from edge.hybrid import HybridConfig, generate_hybrid
+    from proto.codec import CodecSpec
+
+    codec = CodecSpec(args.codec, k=args.codec_k, eps=args.eps, k_max=args.k_max, bits=args.bits)
+    config = HybridConfig(threshold=args.threshold, estimator=args.uncertainty, codec=codec, settings=settings,
+                          max_new_tokens=args.max_new_tokens, samples=args.samples)
+    channel = connect(args.verifier, timeout=args.timeout)
+
+    def open_session(prompt_ids):
+        return VerifierSession(channel, model.manifest.fingerprint, prompt_ids, settings, codec, seed=args.seed,
+                               timeout=args.timeout)
+
+    trace = open(args.trace, "w") if args.trace else None
+    try:
+        result = generate_hybrid(model, model.encode(args.prompt), config, seed=args.seed,
+                                 open_session=open_session, trace=trace)
+    finally:
+        if trace:
+            trace.close()
+        channel.close()
+    print(args.prompt + result.text)
+    acc = result.acceptance_rate
+    return {"tokens": len(result.token_ids), "transmission_rate": round(result.transmission_rate, 4),
+            "acceptance_rate": None if acc is None else round(acc, 4),
+            "uplink_bytes_per_token": round(result.uplink_bytes_per_token, 1),
+            "tokens_per_s": round(result.tokens_per_s, 1)}
 
 
 def _generate(args) -> int:
-    from edge.generate import generate_local
+    from edge.client import VerifierError
     from edge.model import EdgeModel
     from edge.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model = EdgeModel(args.model, providers=args.provider, threads=args.threads)
-    result = generate_local(model, model.encode(args.prompt), args.max_new_tokens, settings, seed=args.seed)
-    print(args.prompt + result.text)
-    summary = {
-        "tokens": len(result.token_ids),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "prefill_ms": round(result.prefill_seconds * 1e3, 2),
-        "loop_overhead": round(result.loop_overhead, 3),
-        "providers": model.runtime.providers,
-        "stopped_at_eos": result.stopped_at_eos,
-    }
+    try:
+        summary = _hybrid(args, model, settings) if args.verifier else _local(args, model, settings)
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    summary.update(providers=model.runtime.providers)
     print(json.dumps(summary) if args.json else "  ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
+
+
+def _threshold(text: str) -> float:
+    value = float(text)  # accepts inf and -inf: verify everything / nothing
+    if math.isnan(value):
+        raise ValueError
+    return value
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return text
 
 
 def _unit_interval(text: str) -> float:
@@ -51,6 +104,20 @@ def build_parser() -> OneLineParser:
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    h = p.add_argument_group("hybrid (with a verifier)")
+    h.add_argument("--verifier", type=_address, help="HOST:PORT of `python -m cloud serve`; omit for SLM-only")
+    h.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
+                   help="send a token iff its uncertainty u > this; -inf = verify all (HLM), inf = never")
+    h.add_argument("--uncertainty", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
+                   help=f"uncertainty estimator (default {DEFAULT_ESTIMATOR}; uhlm is U-HLM's, draft-dependent)")
+    h.add_argument("--samples", type=positive_int, default=20, help="K for the perturbation estimators")
+    h.add_argument("--codec", default="adaptive", choices=CODEC_NAMES, help="how the distribution is sent")
+    h.add_argument("--codec-k", type=positive_int, default=30, help="topk: entries sent")
+    h.add_argument("--eps", type=float, default=0.01, help="adaptive: tail mass left out")
+    h.add_argument("--k-max", type=positive_int, default=64, help="adaptive: cap on entries sent")
+    h.add_argument("--bits", type=positive_int, default=12, help="adaptive: probability resolution")
+    h.add_argument("--timeout", type=non_negative_float, default=30.0, help="seconds to wait for any reply")
+    h.add_argument("--trace", help="write one JSON line per generated token to this file")
     p.set_defaults(func=_generate)
     return parser
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from models.task import Problem, held_out_problems, is_correct
-
-MAX_NEW_TOKENS = 48  # the longest solution (4 steps, 3-digit totals, answer) is under 40 tokens
+from models.task import MAX_SOLUTION_TOKENS, Problem, held_out_problems, is_correct
 
 
 def generate_solutions(model, tokenizer, prompts: list[str], batch_size: int = 125) -> list[str]:
@@ -18,7 +16,7 @@ def generate_solutions(model, tokenizer, prompts: list[str], batch_size: int = 1
             gen = model.generate(
                 **enc,
                 do_sample=False,
-                max_new_tokens=MAX_NEW_TOKENS,
+                max_new_tokens=MAX_SOLUTION_TOKENS,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )

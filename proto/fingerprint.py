@@ -13,11 +13,17 @@ import json
 from pathlib import Path
 
 
-def tokenizer_hash(tokenizer_json: str | Path) -> str:
-    """sha256 (hex, first 16 chars) of the tokenizer's full token→id map, added tokens included."""
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 (hex, first 16 chars) of the tokenizer's full token→id map, added tokens included.
+
+    ``tokenizer``: a ``tokenizer.json`` path, a ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
+    """
     from tokenizers import Tokenizer  # an edge and a cloud dependency, imported lazily for light callers
 
-    vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab(with_added_tokens=True)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = Tokenizer.from_file(str(tokenizer))
+    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)  # transformers fast -> tokenizers
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
     canonical = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

@@ -1,0 +1,97 @@
+"""The verifier's model side: the large model, per-session context and KV cache, and one verify step.
+
+Per session the cloud keeps the agreed token ids (``context``) and a ``DynamicCache`` covering all of
+them but the last. Each Verify appends the edge's pending ids and runs ONE forward pass over the
+uncached tail (last agreed token + pending ids), whose last position is the one being verified; ``q``
+is formed there with the session's sampling settings through the same function the edge uses.
+Model calls are serialized through one lock (one worker); sessions only wait on each other there.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from cloud.rejection import verify_draft
+from edge.sampling import SamplingSettings, probabilities, sample
+from proto.codec import Compressed, CodecSpec
+from proto.fingerprint import tokenizer_hash
+
+
+@dataclass
+class SessionState:
+    """One generation session on the verifier."""
+
+    settings: SamplingSettings
+    codec: CodecSpec
+    rng: np.random.Generator
+    context: list[int]  # every token both sides agree on: prompt + generated
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    cached: int = 0  # positions of ``context`` already in ``cache``
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    verifies: int = 0
+    accepted: int = 0
+    report_target_prob: bool = False  # Verdicts carry q(draft) (calibration runs ask for it)
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    accepted: bool
+    token: int
+    target_prob: float  # q(draft): what calibration needs for beta = max(0, 1 - q(x)/p~(x))
+
+
+class VerifierModel:
+    """The large model and the operations sessions need: open, verify, generate."""
+
+    def __init__(self, source: str, device: str = "cpu", threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().to(device)
+        self.device = device
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.fingerprint = {"vocab_size": self.vocab_size, "tokenizer_hash": tokenizer_hash(self.tokenizer)}
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        self._lock = threading.Lock()  # one model worker: forwards never interleave
+
+    def open(self, prompt_ids: list[int], settings: SamplingSettings, codec: CodecSpec,
+             seed: int | None) -> SessionState:
+        return SessionState(settings, codec, np.random.default_rng(seed), list(prompt_ids))
+
+    def _logits_last(self, cache: DynamicCache, new_ids: list[int]) -> np.ndarray:
+        """One forward pass over ``new_ids`` after ``cache``; logits [V] of the last position."""
+        ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def verify(self, state: SessionState, pending: list[int], draft: int, p_tilde: Compressed) -> VerifyOutcome:
+        """Append ``pending``, form q at the next position, accept ``draft`` or resample (exactly)."""
+        state.context.extend(pending)
+        logits = self._logits_last(state.cache, state.context[state.cached :])
+        state.cached = len(state.context)
+        q = probabilities(logits, state.settings)  # [V], the edge's own rule
+        accepted, token = verify_draft(draft, p_tilde.dense(self.vocab_size), q, state.rng, state.settings.greedy)
+        state.context.append(token)  # agreed; fed with the next Verify's tail
+        state.verifies += 1
+        state.accepted += accepted
+        return VerifyOutcome(accepted, token, float(q[draft]))
+
+    def generate(self, prompt_ids: list[int], settings: SamplingSettings, seed: int | None,
+                 max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
+        """The large model's own tokens (cloud-only baseline), one forward per token."""
+        rng, cache = np.random.default_rng(seed), DynamicCache()
+        logits = self._logits_last(cache, list(prompt_ids))
+        for i in range(max_new_tokens):
+            token = sample(probabilities(logits, settings), rng)
+            yield token
+            if token in stop_ids or i + 1 == max_new_tokens:
+                return
+            logits = self._logits_last(cache, [token])

@@ -1,0 +1,139 @@
+"""gRPC client of the verifier: one bidirectional stream per generation session, a deadline on every wait.
+
+The sync gRPC API blocks on a response iterator with no per-message timeout, so a reader thread moves
+responses into a queue and every wait is a ``queue.get(timeout=...)``; on timeout the call is cancelled.
+Every message's wire size (serialized + 5-byte gRPC prefix) is counted, so reports can state uplink
+and downlink bytes exactly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from edge.sampling import SamplingSettings
+from proto import hybrid_pb2 as pb
+from proto import hybrid_pb2_grpc as pb_grpc
+from proto.codec import CodecSpec
+from proto.messages import codec_to_msg, sampling_to_msg, wire_size
+
+_END = object()
+
+
+class VerifierError(RuntimeError):
+    """The verifier refused or dropped the session; ``code`` is the gRPC status code when there is one."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class VerdictResult:
+    accepted: bool
+    token: int
+    target_prob: float
+    wait_seconds: float  # from sending Verify to receiving its Verdict
+    uplink_bytes: int  # this Verify on the wire
+
+
+def connect(address: str, timeout: float = 10.0) -> grpc.Channel:
+    """An insecure channel to ``address`` once it is ready (or VerifierError after ``timeout``)."""
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 20)])
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        raise VerifierError(f"no verifier reachable at {address} within {timeout:g} s") from None
+    return channel
+
+
+class VerifierSession:
+    """One open session: ``verify`` per uncertain token, then ``close``."""
+
+    def __init__(self, channel: grpc.Channel, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
+                 codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
+                 timeout: float = 30.0):
+        self.timeout = timeout
+        self.report_target_prob = report_target_prob
+        self.uplink_bytes = self.downlink_bytes = 0
+        self._seq = 0
+        self._requests: queue.Queue = queue.Queue()
+        self._responses: queue.Queue = queue.Queue()
+        self._call = pb_grpc.VerifierStub(channel).Session(iter(self._requests.get, _END))
+        threading.Thread(target=self._read, daemon=True).start()
+        open_msg = pb.Open(fingerprint=pb.Fingerprint(**fingerprint), sampling=sampling_to_msg(settings),
+                           prompt_ids=prompt_ids, codec=codec_to_msg(codec),
+                           report_target_prob=report_target_prob)
+        if seed is not None:
+            open_msg.seed = seed
+        self._send(pb.EdgeMessage(open=open_msg))
+        self.opened = self._receive("opened").opened
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(_END)
+        except grpc.RpcError as exc:
+            self._responses.put(exc)
+
+    def _send(self, msg: pb.EdgeMessage) -> int:
+        size = wire_size(msg)
+        self.uplink_bytes += size
+        self._requests.put(msg)
+        return size
+
+    def _receive(self, kind: str) -> pb.CloudMessage:
+        try:
+            item = self._responses.get(timeout=self.timeout)
+        except queue.Empty:
+            self._call.cancel()
+            raise VerifierError(f"no {kind} from the verifier within {self.timeout:g} s") from None
+        if isinstance(item, grpc.RpcError):
+            raise VerifierError(f"verifier ended the session: {item.code().name}: {item.details()}", item.code())
+        if item is _END or item.WhichOneof("kind") != kind:
+            raise VerifierError(f"verifier closed the stream or sent {item!r} where {kind} was expected")
+        self.downlink_bytes += wire_size(item)
+        return item
+
+    def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult:
+        """Send the pending ids, the draft and its encoded distribution; wait for the Verdict."""
+        self._seq += 1
+        t0 = time.perf_counter()
+        size = self._send(pb.EdgeMessage(verify=pb.Verify(seq=self._seq, pending_ids=pending, draft_id=draft,
+                                                          distribution=distribution)))
+        verdict = self._receive("verdict").verdict
+        if verdict.seq != self._seq:
+            raise VerifierError(f"verdict for seq {verdict.seq} arrived, expected {self._seq}")
+        return VerdictResult(verdict.accepted, verdict.token_id, verdict.target_prob,
+                             time.perf_counter() - t0, size)
+
+    def close(self) -> None:
+        """End the session. After at least one Verify, say Close; a session that never verified just
+        half-closes its stream (the server ends it the same way), so SLM-only runs send nothing after Open."""
+        if self._seq:
+            self._send(pb.EdgeMessage(close=pb.Close()))
+        self._requests.put(_END)
+
+
+def generate_remote(channel: grpc.Channel, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
+                    max_new_tokens: int, stop_ids: list[int], seed: int | None = None,
+                    timeout: float = 120.0) -> tuple[list[int], int, int]:
+    """Cloud-only baseline: the large model's tokens for ``prompt_ids``; returns (tokens, up bytes, down bytes)."""
+    request = pb.GenerateRequest(fingerprint=pb.Fingerprint(**fingerprint), sampling=sampling_to_msg(settings),
+                                 prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    if seed is not None:
+        request.seed = seed
+    tokens, down = [], 0
+    try:
+        for chunk in pb_grpc.VerifierStub(channel).Generate(request, timeout=timeout):
+            tokens.extend(chunk.token_ids)
+            down += wire_size(chunk)
+    except grpc.RpcError as exc:
+        raise VerifierError(f"verifier refused Generate: {exc.code().name}: {exc.details()}", exc.code()) from None
+    return tokens, wire_size(request), down
