@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import edge_decode
+from bench import edge_decode, uncertainty_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = shlex.join(["python", "-m", "bench", *argv])
     section = edge_decode.run(models, args.repeats, args.tokens, args.threads, command)
+    section["uncertainty_cost"] = uncertainty_cost.measure(models, section, args.threads)
     edge_decode.merge_report(args.out, "edge", section)
     print(edge_decode.format_table(section))
+    print(uncertainty_cost.format_table(section["uncertainty_cost"]))
     print(f"\nwrote {args.out} (section 'edge')")
     return 0
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from cloud.rejection import verify_draft
-from edge.sampling import SamplingSettings, probabilities, sample
+from edge.sampling import SamplingSettings, next_token, probabilities
 from proto.codec import Compressed, CodecSpec
 from proto.fingerprint import tokenizer_hash
 
@@ -90,7 +90,7 @@ class VerifierModel:
         rng, cache = np.random.default_rng(seed), DynamicCache()
         logits = self._logits_last(cache, list(prompt_ids))
         for i in range(max_new_tokens):
-            token = sample(probabilities(logits, settings), rng)
+            token = next_token(logits, settings, rng)
             yield token
             if token in stop_ids or i + 1 == max_new_tokens:
                 return

@@ -46,7 +46,7 @@ class ModelSpec:
 
 
 LLM_SPEC = ModelSpec("llm", layers=4, hidden=128, heads=4, ffn=384, lr=3e-3, steps=1500, seed=1)
-SLM_SPEC = ModelSpec("slm", layers=2, hidden=64, heads=2, ffn=176, lr=5e-3, steps=3000, seed=2)
+SLM_SPEC = ModelSpec("slm", layers=2, hidden=64, heads=2, ffn=176, lr=5e-3, steps=1560, seed=2)
 
 
 def llama_config(spec: ModelSpec, tokenizer):
