@@ -33,7 +33,7 @@ from models.task import MAX_SOLUTION_TOKENS, held_out_problems, is_correct, samp
 
 BUILD = Path("build/demo")
 REPORT = Path("reports/demo.json")
-REJECTION_TARGET = 0.002  # default threshold: skipped tokens' mean rejection probability stays below this
+REJECTION_TARGET = 0.005  # default threshold: skipped tokens' mean rejection probability stays below this
 
 
 def ensure_export(source: Path, out: Path) -> Path:
