@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
 
 from cloud.launch import VerifierProcess
-from edge.calibration import beta, empirical_threshold, fit_line
-from edge.client import VerifierSession, connect, generate_remote
-from edge.hybrid import HybridConfig, generate_hybrid
+from edge.calibration import estimator_data, fit_estimators
+from edge.client import connect
+from edge.hybrid import HybridConfig
 from edge.model import EdgeModel
 from edge.sampling import SamplingSettings
+from edge.taskeval import Runner, summarize
 from edge.uncertainty import DEFAULT_ESTIMATOR
 from models.demo_pair import COMMITTED_PAIR
-from models.task import MAX_SOLUTION_TOKENS, held_out_problems, is_correct, sample_problems
+from models.task import MAX_SOLUTION_TOKENS, held_out_problems, sample_problems
 
 BUILD = Path("build/demo")
 REPORT = Path("reports/demo.json")
@@ -48,71 +46,13 @@ def ensure_export(source: Path, out: Path) -> Path:
     return out
 
 
-class Runner:
-    """Runs problems through one configuration against one verifier channel, and aggregates."""
-
-    def __init__(self, model: EdgeModel, channel, settings: SamplingSettings, seed: int):
-        self.model, self.channel, self.settings, self.seed = model, channel, settings, seed
-
-    def session_opener(self, config: HybridConfig, seed: int, report_q: bool = False):
-        def open_session(prompt_ids):
-            return VerifierSession(self.channel, self.model.manifest.fingerprint, prompt_ids, self.settings,
-                                   config.codec, seed=seed, report_target_prob=report_q)
-        return open_session
-
-    def hybrid(self, name: str, config: HybridConfig, problems, verify: bool = True, report_q: bool = False):
-        rows = []
-        for i, problem in enumerate(tqdm(problems, desc=name, unit="problem", leave=False)):
-            seed = self.seed + i
-            opener = self.session_opener(config, seed, report_q) if verify else None
-            result = generate_hybrid(self.model, self.model.encode(problem.prompt), config, seed=seed,
-                                     open_session=opener)
-            rows.append((problem, result))
-        return rows
-
-    def llm_only(self, problems):
-        correct = tokens = up = 0
-        seconds = 0.0
-        for i, problem in enumerate(tqdm(problems, desc="llm-only", unit="problem", leave=False)):
-            t0 = time.perf_counter()
-            ids, req_bytes, _ = generate_remote(self.channel, self.model.manifest.fingerprint,
-                                                self.model.encode(problem.prompt), self.settings,
-                                                MAX_SOLUTION_TOKENS, sorted(self.model.eos_ids), seed=self.seed + i)
-            seconds += time.perf_counter() - t0
-            correct += is_correct(problem, self.model.decode(ids))
-            tokens, up = tokens + len(ids), up + req_bytes
-        return {"config": "llm-only", "accuracy": correct / len(problems), "transmission_rate": 1.0,
-                "acceptance_rate": None, "uplink_bytes_per_token": up / tokens, "tokens_per_s": tokens / seconds}
-
-
-def summarize(name: str, rows) -> dict:
-    records = [r for _, res in rows for r in res.records]
-    sent = [r for r in records if r.sent]
-    tokens = sum(len(res.token_ids) for _, res in rows)
-    return {
-        "config": name,
-        "accuracy": sum(is_correct(p, res.text) for p, res in rows) / len(rows),
-        "transmission_rate": len(sent) / len(records),
-        "acceptance_rate": (sum(bool(r.accepted) for r in sent) / len(sent)) if sent else None,
-        "uplink_bytes_per_token": sum(res.uplink_bytes for _, res in rows) / tokens,
-        "tokens_per_s": tokens / sum(res.seconds for _, res in rows),
-    }
-
-
 def calibrate(runner: Runner, n: int) -> dict:
-    """Verify-all on training-split problems; per estimator, (u, beta) pairs -> fit and thresholds."""
+    """Verify-all on training-split problems; per estimator, the line fit and thresholds."""
     config = HybridConfig(threshold=float("-inf"), codec=_codec("full32"), settings=runner.settings,
                           max_new_tokens=MAX_SOLUTION_TOKENS, record_all_estimators=True)
     rows = runner.hybrid("calibration", config, sample_problems(n, "train", seed=777), report_q=True)
-    records = [r for _, res in rows for r in res.records]
-    b = beta([r.draft_prob for r in records], [r.target_prob for r in records])
-    out = {}
-    for name in records[0].u_all:
-        u = np.array([r.u_all[name] for r in records])
-        fit = fit_line(u, b)
-        out[name] = {"a": fit.a, "b": fit.b, "r2": fit.r2, "risk_averse": fit.risk_averse_threshold,
-                     "empirical": empirical_threshold(u, b, REJECTION_TARGET)}
-    return out
+    b, us = estimator_data([r for _, res in rows for r in res.records])
+    return fit_estimators(b, us, target=REJECTION_TARGET, tolerated=0.1)
 
 
 def _codec(name: str):
@@ -138,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-problems", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPORT, help="where the table is written as JSON")
     args = parser.parse_args(argv)
 
     model = EdgeModel(ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx"), providers="auto")
@@ -148,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         channel = connect(verifier.address)
         runner = Runner(model, channel, settings, args.seed)
         cal = calibrate(runner, args.calibration_problems)
-        u_hlm_th = cal["uhlm"]["risk_averse"]
+        u_hlm_th = cal["uhlm"]["averse"]
         default_th = cal[DEFAULT_ESTIMATOR]["empirical"]
         base = HybridConfig(settings=settings, max_new_tokens=MAX_SOLUTION_TOKENS)
         configs = {
@@ -169,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     order = ["slm-only", "llm-only", "hlm", "u-hlm", "cu-hlm", "default"]
     table.sort(key=lambda r: order.index(r["config"]))
     print_table(table, {"u-hlm/cu-hlm (uhlm, risk-averse)": u_hlm_th, f"default ({DEFAULT_ESTIMATOR})": default_th})
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"rows": table, "problems": args.problems, "temperature": args.temperature,
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": table, "problems": args.problems, "temperature": args.temperature,
                                   "calibration": cal, "seed": args.seed}, indent=2) + "\n")
-    print(f"wrote {REPORT}")
+    print(f"wrote {args.out}")
     return 0
 
 

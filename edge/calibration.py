@@ -50,3 +50,89 @@ def empirical_threshold(u: np.ndarray, b: np.ndarray, target: float) -> float:
     last_of_value = np.r_[u_sorted[1:] != u_sorted[:-1], True]
     ok = np.flatnonzero((running <= target) & last_of_value)
     return float(u_sorted[ok[-1]]) if len(ok) else float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration.json: the (u, beta) data of a verify-all run, per-estimator fits and thresholds
+
+
+def estimator_data(records) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """beta [N] and u [N] per estimator from verify-all TokenRecords (``record_all_estimators`` runs)."""
+    b = beta([r.draft_prob for r in records], [r.target_prob for r in records])
+    names = records[0].u_all if records else {}
+    return b, {n: np.array([r.u_all[n] for r in records]) for n in names}
+
+
+def fit_estimators(b: np.ndarray, us: dict[str, np.ndarray], target: float, tolerated: float) -> dict:
+    """Per estimator: the U-HLM line fit and its three thresholds (risk-averse, risk-prone, empirical)."""
+    out = {}
+    for name, u in us.items():
+        fit = fit_line(u, b)
+        out[name] = {"a": fit.a, "b": fit.b, "r2": fit.r2, "averse": fit.risk_averse_threshold,
+                     "prone": fit.risk_prone_threshold(tolerated), "empirical": empirical_threshold(u, b, target)}
+    return out
+
+
+def check_on_test(fits: dict, b: np.ndarray, us: dict[str, np.ndarray]) -> dict:
+    """How well each threshold predicts the skipped tokens' rejection mass on held-out tokens.
+
+    predicted = mean of the fitted line clip(a*u + b, 0, 1) over the test tokens the threshold skips;
+    measured = mean beta of those same tokens (beta from the verifier's q(x)); tr = share sent.
+    """
+    out = {}
+    for name, fit in fits.items():
+        u = us[name]
+        out[name] = {}
+        for rule in ("averse", "prone", "empirical"):
+            skipped = u <= fit[rule]
+            line = np.clip(fit["a"] * u[skipped] + fit["b"], 0.0, 1.0)
+            out[name][rule] = {
+                "threshold": fit[rule],
+                "transmission_rate": float(1 - skipped.mean()),
+                "predicted_skipped_beta": float(line.mean()) if skipped.any() else 0.0,
+                "measured_skipped_beta": float(b[skipped].mean()) if skipped.any() else 0.0,
+            }
+    return out
+
+
+def _finite(x):
+    """JSON has no infinities: thresholds of +-inf are written as strings and read back as floats."""
+    return x if not isinstance(x, float) or np.isfinite(x) else str(x)
+
+
+def save_calibration(path, data: dict) -> None:
+    import json
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return _finite(float(v)) if isinstance(v, (float, np.floating)) else v
+
+    with open(path, "w") as f:
+        json.dump(clean(data), f, indent=1)
+
+
+def load_calibration(path) -> dict:
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    for key in ("fits", "beta", "u", "target", "tolerated"):
+        if key not in data:
+            raise ValueError(f"{path} is not a calibration file (no {key!r}); create one with python -m edge calibrate")
+    return data
+
+
+def threshold_for(data: dict, estimator: str, risk: str) -> float:
+    """Threshold for ``estimator`` from a calibration: ``averse``, ``prone`` or a numeric target (empirical)."""
+    if estimator not in data["fits"]:
+        raise ValueError(f"calibration has no estimator {estimator!r}; it has {sorted(data['fits'])}")
+    if risk in ("averse", "prone"):
+        return float(data["fits"][estimator][risk])
+    try:
+        target = float(risk)
+    except ValueError:
+        raise ValueError(f"--risk must be averse, prone or a number (tolerated mean rejection), got {risk!r}") from None
+    return empirical_threshold(np.array(data["u"][estimator]), np.array(data["beta"]), target)

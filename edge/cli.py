@@ -6,6 +6,7 @@ import json
 import math
 
 from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, run_cli
+from edge.calibration import load_calibration, save_calibration, threshold_for
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS
@@ -29,7 +30,14 @@ def _hybrid(args, model, settings) -> dict:
     from proto.codec import CodecSpec
 
     codec = CodecSpec(args.codec, k=args.codec_k, eps=args.eps, k_max=args.k_max, bits=args.bits)
-    config = HybridConfig(threshold=args.threshold, estimator=args.uncertainty, codec=codec, settings=settings,
+    threshold = args.threshold
+    if args.calibration:
+        calibration = load_calibration(args.calibration)
+        if calibration["fingerprint"] != model.manifest.fingerprint:
+            raise UserError(f"{args.calibration} was made for {calibration['fingerprint']}, "
+                            f"not this model ({model.manifest.fingerprint})")
+        threshold = threshold_for(calibration, args.uncertainty, args.risk)
+    config = HybridConfig(threshold=threshold, estimator=args.uncertainty, codec=codec, settings=settings,
                           max_new_tokens=args.max_new_tokens, samples=args.samples)
     channel = connect(args.verifier, timeout=args.timeout)
 
@@ -47,7 +55,8 @@ def _hybrid(args, model, settings) -> dict:
         channel.close()
     print(args.prompt + result.text)
     acc = result.acceptance_rate
-    return {"tokens": len(result.token_ids), "transmission_rate": round(result.transmission_rate, 4),
+    return {"tokens": len(result.token_ids), "threshold": threshold if math.isfinite(threshold) else str(threshold),
+            "transmission_rate": round(result.transmission_rate, 4),
             "acceptance_rate": None if acc is None else round(acc, 4),
             "uplink_bytes_per_token": round(result.uplink_bytes_per_token, 1),
             "tokens_per_s": round(result.tokens_per_s, 1)}
@@ -66,6 +75,33 @@ def _generate(args) -> int:
         raise UserError(str(exc)) from None
     summary.update(providers=model.runtime.providers)
     print(json.dumps(summary) if args.json else "  ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from edge.client import VerifierError, connect
+    from edge.model import EdgeModel
+    from edge.sampling import SamplingSettings
+    from edge.taskeval import Runner, load_prompts, run_calibration
+    from proto.codec import CodecSpec
+
+    cal_prompts, test_prompts = load_prompts(args.prompts, args.n, args.n_test)
+    model = EdgeModel(args.model, providers=args.provider)
+    settings = SamplingSettings(temperature=args.temperature)
+    try:
+        channel = connect(args.verifier, timeout=args.timeout)
+        data = run_calibration(Runner(model, channel, settings, args.seed), cal_prompts, test_prompts,
+                               CodecSpec(args.codec), args.max_new_tokens, args.target, args.tolerated)
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    save_calibration(args.out, data)
+    print(f"{'estimator':<13} {'a':>7} {'b':>7} {'r2':>5}  {'rule':<9} {'u_th':>9} {'test TR':>7} "
+          f"{'pred beta':>9} {'meas beta':>9}")
+    for name, fit in data["fits"].items():
+        for rule, t in data["test"][name].items():
+            print(f"{name:<13} {fit['a']:>7.3f} {fit['b']:>7.3f} {fit['r2']:>5.2f}  {rule:<9} {t['threshold']:>9.4g} "
+                  f"{t['transmission_rate']:>7.3f} {t['predicted_skipped_beta']:>9.4f} {t['measured_skipped_beta']:>9.4f}")
+    print(f"wrote {args.out} ({data['n_calibration_tokens']} calibration tokens, {data['n_test_tokens']} test tokens)")
     return 0
 
 
@@ -118,7 +154,28 @@ def build_parser() -> OneLineParser:
     h.add_argument("--bits", type=positive_int, default=12, help="adaptive: probability resolution")
     h.add_argument("--timeout", type=non_negative_float, default=30.0, help="seconds to wait for any reply")
     h.add_argument("--trace", help="write one JSON line per generated token to this file")
+    h.add_argument("--calibration", help="calibration.json from `python -m edge calibrate`: sets --threshold")
+    h.add_argument("--risk", default="averse",
+                   help="with --calibration: averse (U-HLM -b/a), prone, or a number = tolerated mean rejection "
+                        "of skipped tokens (the empirical choice)")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("calibrate", help="fit uncertainty -> rejection on verify-all runs and pick thresholds")
+    p.add_argument("--model", required=True, help="ONNX export folder of the edge model")
+    p.add_argument("--verifier", required=True, type=_address, help="HOST:PORT of the verifier")
+    p.add_argument("--prompts", required=True, help="'demo' (task problems) or a file with one prompt per line")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--n", type=positive_int, default=60, help="calibration prompts")
+    p.add_argument("--n-test", type=positive_int, default=60, help="disjoint test prompts (checks the prediction)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--codec", default="full32", choices=CODEC_NAMES, help="p~ used for beta (full32 = p itself)")
+    p.add_argument("--target", type=non_negative_float, default=0.005,
+                   help="empirical rule: tolerated mean rejection probability of skipped tokens")
+    p.add_argument("--tolerated", type=non_negative_float, default=0.1, help="risk-prone rule's tolerated beta")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
+    p.add_argument("--timeout", type=non_negative_float, default=30.0)
+    p.set_defaults(func=_calibrate)
     return parser
 
 

@@ -168,3 +168,24 @@ def test_cli_unreachable_verifier_is_one_line(slm_onnx):
     proc = run_module("edge", "generate", "--model", str(slm_onnx), "--prompt", PROMPT, "--verifier",
                       "127.0.0.1:1", "--timeout", "1")
     assert proc.returncode == 2 and "no verifier reachable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_calibrate_then_generate_with_calibration(verifier, slm_onnx, tmp_path):
+    cal = tmp_path / "calibration.json"
+    proc = run_module("edge", "calibrate", "--model", str(slm_onnx), "--verifier", verifier.address,
+                      "--prompts", "demo", "--n", "4", "--n-test", "3", "--out", str(cal))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(cal.read_text())
+    assert set(data["fits"]) == {"uhlm", "perturb-mode", "entropy", "max-prob", "margin"}
+    assert len(data["beta"]) == data["n_calibration_tokens"] > 10 and data["n_test_tokens"] > 5
+    for rules in data["test"].values():
+        assert {"averse", "prone", "empirical"} == set(rules)
+        assert all(0 <= r["transmission_rate"] <= 1 for r in rules.values())
+    for risk in ("averse", "0.01"):
+        proc = run_module("edge", "generate", "--model", str(slm_onnx), "--prompt", PROMPT, "--verifier",
+                          verifier.address, "--calibration", str(cal), "--risk", risk, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert "threshold" in json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = run_module("edge", "generate", "--model", str(slm_onnx), "--prompt", PROMPT, "--verifier",
+                      verifier.address, "--calibration", str(cal), "--risk", "bogus")
+    assert proc.returncode == 2 and "--risk" in proc.stderr
