@@ -105,6 +105,44 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from edge.client import VerifierError, connect
+    from edge.model import EdgeModel
+    from edge.sweep import load_config
+    from edge.sweep_plots import plot_frontier
+
+    config = load_config(args.config)
+    out = Path(args.out)
+    model = EdgeModel(config.model, providers=args.provider)
+    try:
+        if config.verifier:
+            rows = _sweep_with(config, out, model, connect(config.verifier, timeout=args.timeout))
+        else:
+            from cloud.launch import VerifierProcess
+
+            with VerifierProcess(config.verifier_model) as verifier:
+                rows = _sweep_with(config, out, model, connect(verifier.address, timeout=args.timeout))
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    for path in plot_frontier(rows, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'frontier.csv'} ({len(rows)} points)")
+    return 0
+
+
+def _sweep_with(config, out, model, channel):
+    from edge.sampling import SamplingSettings
+    from edge.sweep import run_sweep
+    from edge.taskeval import Runner
+
+    try:
+        return run_sweep(config, out, Runner(model, channel, SamplingSettings(), config.seed))
+    finally:
+        channel.close()
+
+
 def _threshold(text: str) -> float:
     value = float(text)  # accepts inf and -inf: verify everything / nothing
     if math.isnan(value):
@@ -176,6 +214,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--timeout", type=non_negative_float, default=30.0)
     p.set_defaults(func=_calibrate)
+    p = sub.add_parser("sweep", help="accuracy-transmission frontier over thresholds x estimators x codecs")
+    p.add_argument("--config", required=True, help="sweep config JSON (see README)")
+    p.add_argument("--out", required=True, help="output folder: frontier.csv and PNG plots (resumable)")
+    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
+    p.add_argument("--timeout", type=non_negative_float, default=30.0)
+    p.set_defaults(func=_sweep)
     return parser
 
 
