@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import edge_decode, uncertainty_cost
+from bench import edge_decode, quality, uncertainty_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=edge_decode.DEFAULT_CACHE_DIR,
         help="where the 50M model and the ONNX exports are built once and reused",
     )
+    parser.add_argument("--skip-quality", action="store_true",
+                        help="skip the quality sweep (quality.tr_at_99 & co., ~10 min on 2 cores)")
     return parser
 
 
@@ -49,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     print(edge_decode.format_table(section))
     print(uncertainty_cost.format_table(section["uncertainty_cost"]))
     print(f"\nwrote {args.out} (section 'edge')")
+    if not args.skip_quality:
+        from demo.__main__ import BUILD, ensure_export
+        from models.demo_pair import COMMITTED_PAIR
+
+        ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx")  # the config's edge model
+        section = quality.run()
+        edge_decode.merge_report(args.out, "quality", section)
+        print(quality.format_table(section))
+        print(f"wrote {args.out} (section 'quality')")
     return 0
 
 

@@ -41,6 +41,10 @@ class SweepConfig:
     estimators: tuple[str, ...] = tuple(ESTIMATORS)
     codecs: tuple[str, ...] = ("adaptive", "topk", "full32")
     thresholds: dict | tuple = ()  # one list for all estimators, or {estimator: [u_th, ...]}
+    pairs: tuple = ()  # explicit [estimator, codec] curves instead of estimators x codecs
+
+    def curves(self) -> list[tuple[str, str]]:
+        return [tuple(p) for p in self.pairs] or list(itertools.product(self.estimators, self.codecs))
 
     def thresholds_for(self, estimator: str) -> list[float]:
         values = self.thresholds.get(estimator, []) if isinstance(self.thresholds, dict) else self.thresholds
@@ -58,21 +62,23 @@ def load_config(path: str | Path) -> SweepConfig:
         raise ValueError(f"sweep config {path}: unknown field(s) {sorted(unknown)}")
     if "model" not in raw:
         raise ValueError(f"sweep config {path}: field 'model' (edge ONNX folder) is required")
-    for field in ("temperatures", "estimators", "codecs"):
+    for field in ("temperatures", "estimators", "codecs", "pairs"):
         if field in raw:
-            raw[field] = tuple(raw[field])
+            raw[field] = tuple(tuple(x) if isinstance(x, list) else x for x in raw[field])
     config = SweepConfig(**raw)
-    bad = [e for e in config.estimators if e not in ESTIMATORS]
+    if any(len(p) != 2 for p in config.pairs):
+        raise ValueError("sweep config field 'pairs': each entry must be [estimator, codec]")
+    bad = [e for e in config.estimators + tuple(p[0] for p in config.pairs) if e not in ESTIMATORS]
     if bad:
         raise ValueError(f"sweep config field 'estimators': unknown {bad}; known: {sorted(ESTIMATORS)}")
-    bad = [c for c in config.codecs if c not in CODEC_NAMES]
+    bad = [c for c in config.codecs + tuple(p[1] for p in config.pairs) if c not in CODEC_NAMES]
     if bad:
         raise ValueError(f"sweep config field 'codecs': unknown {bad}; known: {list(CODEC_NAMES)}")
     if not isinstance(config.problems, int) or config.problems < 1:
         raise ValueError("sweep config field 'problems' must be a positive integer")
     for t in config.temperatures:
         SamplingSettings(temperature=t)  # raises with a clear message
-    if not any(config.thresholds_for(e) for e in config.estimators):
+    if not any(config.thresholds_for(e) for e, _ in config.curves()):
         raise ValueError("sweep config field 'thresholds': give a list, or {estimator: [u_th, ...]}")
     return config
 
@@ -103,7 +109,7 @@ def planned_points(config: SweepConfig) -> list[dict]:
     for t in config.temperatures:
         points.append({"temperature": t, "estimator": "llm-only", "codec": "-", "u_th": math.inf})
         points.append({"temperature": t, "estimator": "slm-only", "codec": "full32", "u_th": math.inf})
-        for estimator, codec in itertools.product(config.estimators, config.codecs):
+        for estimator, codec in config.curves():
             for u_th in config.thresholds_for(estimator):
                 points.append({"temperature": t, "estimator": estimator, "codec": codec, "u_th": u_th})
     for p in points:
