@@ -24,7 +24,7 @@ size):
 ``full32``  every vocabulary entry as float32. Size ``4·V``. (HLM / U-HLM baseline.)
 ``full16``  every vocabulary entry as float16. Size ``2·V``.
             For both: ``p~ = f / sum(f)`` over the nonzero decoded values ``f`` (as float64).
-``topk``    the ``k`` largest entries (only the nonzero ones if fewer), counts summing to exactly 255::
+``topk``    the ``k`` largest entries (only those whose count does not round to 0), counts summing to 255::
 
                 uint8 n | n × uint32 index (ascending) | n × uint8 count (each >= 1, sum 255)
 
@@ -258,8 +258,9 @@ def _top_entries(p: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[order].astype(np.int64, copy=False), vals[order]
 
 
-def quantize(vals: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts int64 [n], each >= 1, summing to exactly ``total``, proportional to ``vals``.
+def quantize(vals: np.ndarray, total: int, raise_zeros: bool = True) -> np.ndarray:
+    """Integer counts int64 [n] summing to exactly ``total``, proportional to ``vals``; each >= 1 unless
+    ``raise_zeros`` is False (then entries may round to 0 and the caller drops them).
 
     ``vals``: positive float64 [n], in rank order (probability descending, then id ascending); ties in
     the rounding go to the earlier entry, so the result is deterministic. Largest-remainder rounding of
@@ -268,7 +269,7 @@ def quantize(vals: np.ndarray, total: int) -> np.ndarray:
     the largest counts, which suffer the least relative error. Requires ``n <= total``.
     """
     n = vals.size
-    if n > total:
+    if raise_zeros and n > total:
         raise ValueError(f"cannot give {n} entries a count >= 1 out of {total}")
     share = vals / vals.sum() * total  # [n] exact (real-valued) counts
     counts = np.floor(share).astype(np.int64)  # [n]
@@ -278,7 +279,7 @@ def quantize(vals: np.ndarray, total: int) -> np.ndarray:
     remainder_rank = np.argsort(-(share - np.floor(share)), kind="stable")  # [n] largest remainder first
     counts[remainder_rank[:short]] += 1
     zero = counts == 0  # [n]
-    deficit = int(zero.sum())
+    deficit = int(zero.sum()) if raise_zeros else 0
     if deficit:
         counts[zero] = 1
         for i in np.argsort(-counts, kind="stable"):  # largest count first; stops after one or two
@@ -322,7 +323,12 @@ def _compressed_from_ranked(ids: np.ndarray, counts: np.ndarray, total: int) -> 
 
 def _compress_topk(p: np.ndarray, spec: CodecSpec) -> Compressed:
     ids, vals = _top_entries(p, spec.k)
-    return _compressed_from_ranked(ids, quantize(vals, TOPK_TOTAL), TOPK_TOTAL)
+    # Entries whose share rounds to 0 of 255 are dropped, not raised to 1: raising would give every
+    # one of the 30 entries at least 1/255 (0.4%), so a confident position would draw a near-impossible
+    # draft ~10% of the time, and a draft-independent policy skips exactly those confident positions.
+    counts = quantize(vals, TOPK_TOTAL, raise_zeros=False)
+    keep = counts > 0  # [k] the top entry always keeps >= 1 (its share is >= 255/k)
+    return _compressed_from_ranked(ids[keep], counts[keep], TOPK_TOTAL)
 
 
 def _compress_adaptive(p: np.ndarray, p_sum: float, spec: CodecSpec) -> Compressed:
