@@ -24,9 +24,9 @@ size):
 ``full32``  every vocabulary entry as float32. Size ``4·V``. (HLM / U-HLM baseline.)
 ``full16``  every vocabulary entry as float16. Size ``2·V``.
             For both: ``p~ = f / sum(f)`` over the nonzero decoded values ``f`` (as float64).
-``topk``    the ``k`` largest entries (only those whose count does not round to 0), counts summing to 255::
+``topk``    the ``k`` largest entries (only the nonzero ones if fewer), counts summing to exactly 255::
 
-                uint8 n | n × uint32 index (ascending) | n × uint8 count (each >= 1, sum 255)
+                uint8 n | n × uint32 index (ascending) | n × uint8 count (sum 255; 0 = not in support)
 
             Size ``1 + 5·n``. (CU-HLM-like baseline.)
 ``adaptive`` the smallest top set holding mass ``>= 1 - eps`` of ``p``, capped at ``k_max`` entries,
@@ -172,8 +172,9 @@ class Compressed:
         return i if i < self.support.size and self.support[i] == token else -1
 
     def contains(self, token: int) -> bool:
-        """Whether ``token`` is in the support (it may still have weight 0 in a hand-built Compressed)."""
-        return self._position(token) >= 0
+        """Whether ``token`` has positive probability (topk may carry entries of count 0)."""
+        i = self._position(token)
+        return i >= 0 and self.weights[i] > 0
 
     def prob(self, token: int) -> float:
         """``p~(token)``: ``weights[i] / total``, 0.0 off the support."""
@@ -323,12 +324,13 @@ def _compressed_from_ranked(ids: np.ndarray, counts: np.ndarray, total: int) -> 
 
 def _compress_topk(p: np.ndarray, spec: CodecSpec) -> Compressed:
     ids, vals = _top_entries(p, spec.k)
-    # Entries whose share rounds to 0 of 255 are dropped, not raised to 1: raising would give every
-    # one of the 30 entries at least 1/255 (0.4%), so a confident position would draw a near-impossible
-    # draft ~10% of the time, and a draft-independent policy skips exactly those confident positions.
+    # Fixed k on the wire (the CU-HLM-like baseline), but a share that rounds to 0 of 255 stays 0
+    # instead of being raised to 1: raising would give every one of the 30 entries at least 1/255 (0.4%),
+    # so a confident position would draw a near-impossible draft ~10% of the time, and a
+    # draft-independent policy skips exactly those confident positions. Zero-count entries are sent but
+    # are not in the support of p~ (never drawn, never verifiable). The top entry always keeps >= 1.
     counts = quantize(vals, TOPK_TOTAL, raise_zeros=False)
-    keep = counts > 0  # [k] the top entry always keeps >= 1 (its share is >= 255/k)
-    return _compressed_from_ranked(ids[keep], counts[keep], TOPK_TOTAL)
+    return _compressed_from_ranked(ids, counts, TOPK_TOTAL)
 
 
 def _compress_adaptive(p: np.ndarray, p_sum: float, spec: CodecSpec) -> Compressed:
@@ -431,8 +433,9 @@ def _check_integer_compressed(c: Compressed, spec: CodecSpec, vocab_size: int, c
                          f"(was this compressed with another codec?)")
     if n > cap:
         raise ValueError(f"{spec.name}: support of {n} entries exceeds the cap of {cap}")
-    if c.total != total or int(c.weights.sum()) != total or c.weights.min() < 1:
-        raise ValueError(f"{spec.name}: weights must be >= 1 and sum to {total}, got sum "
+    lowest = 0 if spec.name == "topk" else 1  # topk sends shares that rounded to 0 as count 0
+    if c.total != total or int(c.weights.sum()) != total or c.weights.min() < lowest:
+        raise ValueError(f"{spec.name}: weights must be >= {lowest} and sum to {total}, got sum "
                          f"{int(c.weights.sum())}, total {c.total}, min {int(c.weights.min())}")
     _check_support(c, spec, vocab_size)
 
@@ -508,8 +511,8 @@ def _check_indices(indices: np.ndarray, spec: CodecSpec, vocab_size: int) -> Non
                           f"after {int(indices[i])}")
 
 
-def _check_counts(counts: np.ndarray, total: int, spec: CodecSpec) -> None:
-    if counts.min() < 1:
+def _check_counts(counts: np.ndarray, total: int, spec: CodecSpec, allow_zero: bool = False) -> None:
+    if not allow_zero and counts.min() < 1:
         i = int(np.flatnonzero(counts < 1)[0])
         raise _fail(spec, f"count {i} is {int(counts[i])}; every count must be >= 1")
     if int(counts.sum()) != total:
@@ -547,7 +550,7 @@ def _decode_topk(data: bytes, spec: CodecSpec, vocab_size: int) -> Compressed:
     indices = np.frombuffer(data, dtype="<u4", count=n, offset=1).astype(np.int64)  # [n]
     counts = np.frombuffer(data, dtype=np.uint8, count=n, offset=1 + 4 * n).astype(np.int64)  # [n]
     _check_indices(indices, spec, vocab_size)
-    _check_counts(counts, TOPK_TOTAL, spec)
+    _check_counts(counts, TOPK_TOTAL, spec, allow_zero=True)  # 8-bit shares of tiny entries round to 0
     return Compressed(indices, counts, TOPK_TOTAL)
 
 
