@@ -44,6 +44,13 @@ def _check_ids(ids, vocab: int, what: str) -> list[int]:
     return list(ids)
 
 
+def _check_fingerprint(msg: pb.Fingerprint, engine: VerifierModel) -> None:
+    remote = {"vocab_size": msg.vocab_size, "tokenizer_hash": msg.tokenizer_hash}
+    mismatch = describe_mismatch(remote, engine.fingerprint)
+    if mismatch:
+        raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+
+
 class VerifierServicer(pb_grpc.VerifierServicer):
     def __init__(self, engine: VerifierModel):
         self.engine = engine
@@ -54,10 +61,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
                                f"a session must start with Open, got {msg.WhichOneof('kind') or 'an empty message'}")
         op = msg.open
-        remote = {"vocab_size": op.fingerprint.vocab_size, "tokenizer_hash": op.fingerprint.tokenizer_hash}
-        mismatch = describe_mismatch(remote, self.engine.fingerprint)
-        if mismatch:
-            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+        _check_fingerprint(op.fingerprint, self.engine)
         try:
             settings, codec = sampling_from_msg(op.sampling), codec_from_msg(op.codec)
         except ValueError as exc:
@@ -120,11 +124,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     # -- Generate (cloud-only baseline) -----------------------------------------------------------------
     def Generate(self, request, context):
         try:
-            remote = {"vocab_size": request.fingerprint.vocab_size,
-                      "tokenizer_hash": request.fingerprint.tokenizer_hash}
-            mismatch = describe_mismatch(remote, self.engine.fingerprint)
-            if mismatch:
-                raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+            _check_fingerprint(request.fingerprint, self.engine)
             try:
                 settings = sampling_from_msg(request.sampling)
             except ValueError as exc:

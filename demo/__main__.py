@@ -27,6 +27,7 @@ from edge.sampling import SamplingSettings
 from edge.taskeval import Runner, summarize
 from edge.uncertainty import DEFAULT_ESTIMATOR
 from models.demo_pair import COMMITTED_PAIR
+from proto.codec import CodecSpec
 from models.task import MAX_SOLUTION_TOKENS, held_out_problems, sample_problems
 
 BUILD = Path("build/demo")
@@ -48,17 +49,11 @@ def ensure_export(source: Path, out: Path) -> Path:
 
 def calibrate(runner: Runner, n: int) -> dict:
     """Verify-all on training-split problems; per estimator, the line fit and thresholds."""
-    config = HybridConfig(threshold=float("-inf"), codec=_codec("full32"), settings=runner.settings,
+    config = HybridConfig(threshold=float("-inf"), codec=CodecSpec("full32"), settings=runner.settings,
                           max_new_tokens=MAX_SOLUTION_TOKENS, record_all_estimators=True)
     rows = runner.hybrid("calibration", config, sample_problems(n, "train", seed=777), report_q=True)
     b, us = estimator_data([r for _, res in rows for r in res.records])
     return fit_estimators(b, us, target=REJECTION_TARGET, tolerated=0.1)
-
-
-def _codec(name: str):
-    from proto.codec import CodecSpec
-
-    return CodecSpec(name)
 
 
 def print_table(rows: list[dict], thresholds: dict) -> None:
@@ -93,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         default_th = cal[DEFAULT_ESTIMATOR]["empirical"]
         base = HybridConfig(settings=settings, max_new_tokens=MAX_SOLUTION_TOKENS)
         configs = {
-            "slm-only": (replace(base, threshold=float("inf"), codec=_codec("full32")), False),
-            "hlm": (replace(base, threshold=float("-inf"), codec=_codec("full32")), True),
-            "u-hlm": (replace(base, threshold=u_hlm_th, estimator="uhlm", codec=_codec("full32")), True),
-            "cu-hlm": (replace(base, threshold=u_hlm_th, estimator="uhlm", codec=_codec("topk")), True),
-            "default": (replace(base, threshold=default_th, estimator=DEFAULT_ESTIMATOR, codec=_codec("adaptive")),
+            "slm-only": (replace(base, threshold=float("inf"), codec=CodecSpec("full32")), False),
+            "hlm": (replace(base, threshold=float("-inf"), codec=CodecSpec("full32")), True),
+            "u-hlm": (replace(base, threshold=u_hlm_th, estimator="uhlm", codec=CodecSpec("full32")), True),
+            "cu-hlm": (replace(base, threshold=u_hlm_th, estimator="uhlm", codec=CodecSpec("topk")), True),
+            "default": (replace(base, threshold=default_th, estimator=DEFAULT_ESTIMATOR, codec=CodecSpec("adaptive")),
                         True),
         }
         table = [runner.llm_only(problems)]

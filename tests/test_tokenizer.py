@@ -1,7 +1,6 @@
 """The demo tokenizer: 32k entries, digits split, round trips, loads in transformers and `tokenizers`."""
 
 import json
-import shutil
 
 from tokenizers import Tokenizer
 
@@ -46,4 +45,3 @@ def test_hash_ignores_formatting_but_not_content(tmp_path, demo_slm_dir):
     vocab[a], vocab[b] = vocab[b], vocab[a]
     changed.write_text(json.dumps(data))
     assert tokenizer_hash(changed) != tokenizer_hash(src)
-    shutil.rmtree(tmp_path)
