@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -77,6 +78,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         return state
 
     def _verify(self, state: SessionState, v: pb.Verify, expected_seq: int) -> pb.Verdict:
+        t_received = time.perf_counter()
         if v.seq != expected_seq:
             raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, f"Verify.seq is {v.seq}, expected {expected_seq}")
         vocab = self.engine.vocab_size
@@ -95,7 +97,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                                "drafts must be drawn from the distribution that is sent")
         outcome = self.engine.verify(state, pending, v.draft_id, p_tilde)
         return pb.Verdict(seq=v.seq, accepted=outcome.accepted, token_id=outcome.token,
-                          target_prob=outcome.target_prob if state.report_target_prob else 0.0)
+                          target_prob=outcome.target_prob if state.report_target_prob else 0.0,
+                          server_seconds=time.perf_counter() - t_received)
 
     def Session(self, request_iterator, context):
         try:

@@ -39,6 +39,8 @@ class VerdictResult:
     target_prob: float
     wait_seconds: float  # from sending Verify to receiving its Verdict
     uplink_bytes: int  # this Verify on the wire
+    downlink_bytes: int  # its Verdict on the wire
+    server_seconds: float  # the verifier's own time for it (queue for the model + forward + rejection)
 
 
 def connect(address: str, timeout: float = 10.0) -> grpc.Channel:
@@ -107,11 +109,12 @@ class VerifierSession:
         t0 = time.perf_counter()
         size = self._send(pb.EdgeMessage(verify=pb.Verify(seq=self._seq, pending_ids=pending, draft_id=draft,
                                                           distribution=distribution)))
-        verdict = self._receive("verdict").verdict
+        message = self._receive("verdict")
+        verdict = message.verdict
         if verdict.seq != self._seq:
             raise VerifierError(f"verdict for seq {verdict.seq} arrived, expected {self._seq}")
         return VerdictResult(verdict.accepted, verdict.token_id, verdict.target_prob,
-                             time.perf_counter() - t0, size)
+                             time.perf_counter() - t0, size, wire_size(message), verdict.server_seconds)
 
     def close(self) -> None:
         """End the session. After at least one Verify, say Close; a session that never verified just

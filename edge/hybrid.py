@@ -56,6 +56,9 @@ class TokenRecord:
     draft_prob: float = 0.0  # p~(draft)
     target_prob: float | None = None  # q(draft), when the verifier reports it (calibration runs)
     u_all: dict | None = None  # every estimator's u at this position (calibration runs)
+    pending: int = 0  # kept tokens this Verify carried up (prefilled by the verifier with this position)
+    down_bytes: int = 0  # downlink wire bytes of this position's Verdict
+    server_s: float = 0.0  # the verifier's own time for this Verify (its share of wait_s)
 
 
 @dataclass
@@ -95,8 +98,25 @@ def _json_float(x: float) -> float | str:
 
 
 def write_trace_line(out: TextIO, record: TokenRecord) -> None:
-    row = asdict(record)
+    row = {"kind": "token", **asdict(record)}
     row["u"] = _json_float(row["u"])
+    out.write(json.dumps(row) + "\n")
+
+
+def write_trace_open(out: TextIO, config: HybridConfig, prompt_tokens: int, session: VerifierSession | None) -> None:
+    """The first line of a generation in a trace: its configuration and the Open/Opened sizes."""
+    row = {"kind": "open", "prompt_tokens": prompt_tokens, "estimator": config.estimator,
+           "codec": asdict(config.codec), "threshold": _json_float(config.threshold),
+           "temperature": config.settings.temperature, "verifier": session is not None,
+           "uplink_bytes": session.uplink_bytes if session else 0,
+           "downlink_bytes": session.downlink_bytes if session else 0}
+    out.write(json.dumps(row) + "\n")
+
+
+def write_trace_close(out: TextIO, result: HybridResult) -> None:
+    """The last line of a generation: totals (all messages, Open and Close included) and wall time."""
+    row = {"kind": "close", "tokens": len(result.token_ids), "uplink_bytes": result.uplink_bytes,
+           "downlink_bytes": result.downlink_bytes, "seconds": result.seconds, "text": result.text}
     out.write(json.dumps(row) + "\n")
 
 
@@ -121,6 +141,8 @@ def generate_hybrid(
     vocab = model.runtime.vocab_size
     result = HybridResult(list(prompt_ids))
     session = open_session(list(prompt_ids)) if open_session else None
+    if trace is not None:
+        write_trace_open(trace, config, len(prompt_ids), session)
     t_start = time.perf_counter()
     t_step = time.perf_counter()
     logits = model.runtime.prefill(prompt_ids)
@@ -136,6 +158,7 @@ def generate_hybrid(
             record.u_all = {n: float(e(logits, draft, u_rng)) for n, e in all_estimators.items()}
         if session is not None and u > config.threshold:
             verdict = session.verify(pending, draft, encode(p_tilde, config.codec, vocab))
+            record.pending, record.down_bytes, record.server_s = len(pending), verdict.downlink_bytes, verdict.server_seconds
             pending = []
             record.sent, record.bytes, record.accepted = True, verdict.uplink_bytes, verdict.accepted
             record.returned, record.token, record.wait_s = verdict.token, verdict.token, verdict.wait_seconds
@@ -157,4 +180,6 @@ def generate_hybrid(
         result.uplink_bytes, result.downlink_bytes = session.uplink_bytes, session.downlink_bytes
     result.seconds = time.perf_counter() - t_start
     result.text = model.decode(result.token_ids)
+    if trace is not None:
+        write_trace_close(trace, result)
     return result

@@ -93,16 +93,18 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "accepted", "token_id", "target_prob")
+    __slots__ = ("seq", "accepted", "token_id", "target_prob", "server_seconds")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
+    SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     accepted: bool
     token_id: int
     target_prob: float
-    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_prob: _Optional[float] = ...) -> None: ...
+    server_seconds: float
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_prob: _Optional[float] = ..., server_seconds: _Optional[float] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
     __slots__ = ("opened", "verdict")

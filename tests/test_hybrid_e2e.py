@@ -159,9 +159,16 @@ def test_cli_hybrid_with_trace(verifier, slm_onnx, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["tokens"] > 5 and 0 <= summary["transmission_rate"] <= 1
-    rows = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert len(rows) == summary["tokens"]
-    assert {"position", "token", "u", "sent", "bytes", "accepted", "returned", "slm_step_s", "wait_s"} <= set(rows[0])
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert lines[0]["kind"] == "open" and lines[0]["prompt_tokens"] > 0 and lines[0]["uplink_bytes"] > 0
+    assert lines[-1]["kind"] == "close" and lines[-1]["tokens"] == summary["tokens"]
+    rows = [r for r in lines if r["kind"] == "token"]
+    assert len(rows) == summary["tokens"] == len(lines) - 2
+    assert {"position", "token", "u", "sent", "bytes", "accepted", "returned", "slm_step_s", "wait_s", "pending",
+            "down_bytes", "server_s"} <= set(rows[0])
+    sent = [r for r in rows if r["sent"]]
+    assert all(r["down_bytes"] > 0 and 0 < r["server_s"] <= r["wait_s"] for r in sent)
+    assert sum(r["bytes"] for r in rows) < lines[-1]["uplink_bytes"]  # + Open and Close
 
 
 def test_cli_unreachable_verifier_is_one_line(slm_onnx):
