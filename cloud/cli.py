@@ -1,8 +1,7 @@
-"""Command line of `python -m cloud`: serve the verifier."""
+"""Command line of `python -m cloud`: serve the verifier, and issue device tokens."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from edge.cli_errors import OneLineParser, UserError, run_cli
@@ -15,20 +14,85 @@ def _port(text: str) -> int:
     return value
 
 
-def _serve(args) -> int:
-    from cloud.engine import VerifierModel
-    from cloud.server import serve
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
 
-    path = Path(args.model)
-    if (path.exists() or args.model.startswith((".", "/"))) and not (path / "config.json").is_file():
-        raise UserError(f"{args.model} is not a transformers model folder (no config.json) and not a hub id")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
-    engine = VerifierModel(args.model, device=args.device, threads=args.threads)
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
+def _check_model(model: str) -> None:
+    path = Path(model)
+    if (path.exists() or model.startswith((".", "/"))) and not (path / "config.json").is_file():
+        raise UserError(f"{model} is not a transformers model folder (no config.json) and not a hub id")
+
+
+def _security(args):
+    """(server credentials or None, token store or None) from the TLS and token options."""
+    from cloud.auth import TokenStore, server_credentials
+    from proto.addresses import check_plaintext_allowed
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise UserError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     try:
-        serve(engine, args.host, args.port)
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+        if credentials is None:
+            check_plaintext_allowed(args.host, args.insecure, "verifier")
+        tokens = TokenStore.load(args.tokens) if args.tokens else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return credentials, tokens
+
+
+def _serve(args) -> int:
+    _check_model(args.model)
+    credentials, tokens = _security(args)
+    from cloud import logs
+    from cloud.engine import VerifierModel
+    from cloud.metrics import VerifierMetrics, serve_metrics
+    from cloud.server import ServerLimits, build_server, serve
+
+    logs.configure(args.verbose)
+    try:
+        limits = ServerLimits(max_message_bytes=args.max_message_bytes, max_sessions=args.max_sessions,
+                              max_context=args.max_context, idle_timeout_s=args.idle_timeout,
+                              shutdown_grace_s=args.shutdown_grace)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    engine = VerifierModel(args.model, device=args.device, threads=args.threads)
+    metrics = VerifierMetrics()
+    try:
+        built = build_server(engine, f"{args.host}:{args.port}", limits, metrics, credentials, tokens)
+        if args.metrics_port is not None:
+            port = serve_metrics(metrics, args.metrics_host or args.host, args.metrics_port)
+            print(f"metrics on http://{args.metrics_host or args.host}:{port}/metrics", flush=True)
+        serve(built, args.host)
     except OSError as exc:
         raise UserError(str(exc)) from None
+    return 0
+
+
+def _add_token(args) -> int:
+    from cloud.auth import METHODS, add_token
+
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise UserError(f"--methods: unknown {sorted(unknown)}; known: {','.join(METHODS)}")
+    try:
+        token = add_token(args.tokens, args.device, methods)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot update {args.tokens}: {exc}") from None
+    print(token)  # shown once; the file keeps only its hash
     return 0
 
 
@@ -42,7 +106,33 @@ def build_parser() -> OneLineParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--verbose", action="store_true", help="log every session event (JSON lines on stderr)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-sessions", type=_positive_int, default=64,
+                        help="concurrent sessions; more are refused with RESOURCE_EXHAUSTED (default 64)")
+    limits.add_argument("--max-context", type=_positive_int, default=0,
+                        help="tokens per session (default: the model's max_position_embeddings)")
+    limits.add_argument("--max-message-bytes", type=_positive_int, default=1 << 20,
+                        help="largest message accepted (default 1 MiB; full32 at 152k entries needs 608 KB)")
+    limits.add_argument("--idle-timeout", type=_seconds, default=60.0,
+                        help="evict a session silent for this many seconds (default 60)")
+    limits.add_argument("--shutdown-grace", type=float, default=10.0,
+                        help="seconds in-flight calls get after SIGTERM (default 10)")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
+    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
+    sec.add_argument("--tokens", help="tokens file: require a bearer token per device (python -m cloud add-token)")
+    sec.add_argument("--insecure", action="store_true",
+                     help="allow plaintext on a non-loopback --host (plaintext on loopback needs no flag)")
+    sec.add_argument("--metrics-port", type=_port, default=None,
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; default off)")
+    sec.add_argument("--metrics-host", help="address for the metrics endpoint (default --host)")
     p.set_defaults(func=_serve)
+    t = sub.add_parser("add-token", help="create a bearer token for a device; prints it once")
+    t.add_argument("--tokens", required=True, help="tokens file to create or update (only hashes are stored)")
+    t.add_argument("--device", required=True, help="device name, e.g. jetson-01")
+    t.add_argument("--methods", default="Session,Generate", help="comma-separated methods it may call")
+    t.set_defaults(func=_add_token)
     return parser
 
 

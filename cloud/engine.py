@@ -9,6 +9,7 @@ Model calls are serialized through one lock (one worker); sessions only wait on 
 
 from __future__ import annotations
 
+import secrets
 import threading
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ class SessionState:
 
     settings: SamplingSettings
     codec: CodecSpec
-    rng: np.random.Generator
+    seed: int  # the Open's seed, or fresh entropy when it gave none
     context: list[int]  # every token both sides agree on: prompt + generated
     cache: DynamicCache = field(default_factory=DynamicCache)
     cached: int = 0  # positions of ``context`` already in ``cache``
@@ -63,7 +64,8 @@ class VerifierModel:
 
     def open(self, prompt_ids: list[int], settings: SamplingSettings, codec: CodecSpec,
              seed: int | None) -> SessionState:
-        return SessionState(settings, codec, np.random.default_rng(seed), list(prompt_ids))
+        seed = secrets.randbits(63) if seed is None else seed
+        return SessionState(settings, codec, seed, list(prompt_ids))
 
     def _logits_last(self, cache: DynamicCache, new_ids: list[int]) -> np.ndarray:
         """One forward pass over ``new_ids`` after ``cache``; logits [V] of the last position."""
@@ -78,7 +80,10 @@ class VerifierModel:
         logits = self._logits_last(state.cache, state.context[state.cached :])
         state.cached = len(state.context)
         q = probabilities(logits, state.settings)  # [V], the edge's own rule
-        accepted, token = verify_draft(draft, p_tilde.dense(self.vocab_size), q, state.rng, state.settings.greedy)
+        # The randomness of a position depends only on (seed, position), never on the session's history of
+        # calls: an edge that reconnects and replays its tokens gets the same verdicts as if nothing broke.
+        rng = np.random.default_rng([state.seed, len(state.context)])
+        accepted, token = verify_draft(draft, p_tilde.dense(self.vocab_size), q, rng, state.settings.greedy)
         state.context.append(token)  # agreed; fed with the next Verify's tail
         state.verifies += 1
         state.accepted += accepted

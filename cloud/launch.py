@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_PREFIX = "verifier listening on "
+METRICS_PREFIX = "metrics on "
 
 
 class VerifierProcess:
@@ -26,12 +27,15 @@ class VerifierProcess:
                *extra_args]
         self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.metrics_url: str | None = None  # set when started with --metrics-port
         self.address = self._wait_ready(startup_timeout)
 
     def _wait_ready(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()  # the server prints its ready line once, then nothing
+            if line.startswith(METRICS_PREFIX):
+                self.metrics_url = line[len(METRICS_PREFIX):].strip()
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX):].strip()
             if not line and self.proc.poll() is not None:

@@ -2,178 +2,324 @@
 
 Each session is one bidirectional stream handled on its own server thread, so one session's network
 I/O never blocks another's; model forwards are serialized inside the engine. A bad message ends only
-its own session, with a gRPC status and a message a person can act on.
+its own session, with a gRPC status and a message a person can act on (checks in ``cloud/validate.py``).
+
+Limits (``ServerLimits``): message size, concurrent sessions (RESOURCE_EXHAUSTED past it), context
+length, and an idle timeout: a stream that sends nothing for that long is evicted (DEADLINE_EXCEEDED),
+which also bounds every wait of the server on a client. On SIGTERM the server drains: health turns
+NOT_SERVING, new calls are refused (UNAVAILABLE), a Verify being computed is answered, every session
+then ends with UNAVAILABLE at its next message (the edge replays its history elsewhere), and the
+process exits after a grace period.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import queue
 import signal
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloud.auth import TokenAuthInterceptor, TokenStore
 from cloud.engine import SessionState, VerifierModel
+from cloud.metrics import VerifierMetrics
+from cloud.validate import (INVALID, ORDER, SessionAbort, check_codec, check_fingerprint, check_prompt,
+                            check_sampling, check_verify)
 from proto import hybrid_pb2 as pb
-from proto import hybrid_pb2_grpc as pb_grpc
-from proto.codec import CodecError, decode
-from proto.fingerprint import describe_mismatch
-from proto.messages import codec_from_msg, sampling_from_msg
 
 log = logging.getLogger("cloud.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
-MAX_MESSAGE_BYTES = 1 << 20  # full32 at a 152k vocabulary is 608 KB; 1 MiB leaves room, below gRPC's 4 MiB
+EVICTION_REASONS = ("idle", "shutdown")  # sessions the server ends, counted as evictions, not rejects
+_POLL_S = 0.25  # how often a waiting session looks at the drain flag
 
 
-class SessionAbort(Exception):
-    """Ends one session with a gRPC status code and a human-readable message."""
+@dataclass(frozen=True)
+class ServerLimits:
+    # full32 at a 152k vocabulary is 608 KB; 1 MiB leaves room and stays below gRPC's 4 MiB default.
+    max_message_bytes: int = 1 << 20
+    max_sessions: int = 64
+    max_context: int = 0  # 0 = the model's own limit (max_position_embeddings)
+    idle_timeout_s: float = 60.0
+    shutdown_grace_s: float = 10.0
 
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def _check_ids(ids, vocab: int, what: str) -> list[int]:
-    bad = [t for t in ids if t >= vocab]
-    if bad:
-        raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{what} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
-    return list(ids)
-
-
-def _check_fingerprint(msg: pb.Fingerprint, engine: VerifierModel) -> None:
-    remote = {"vocab_size": msg.vocab_size, "tokenizer_hash": msg.tokenizer_hash}
-    mismatch = describe_mismatch(remote, engine.fingerprint)
-    if mismatch:
-        raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+    def __post_init__(self):
+        checks = {"max_message_bytes": self.max_message_bytes >= 1024, "max_sessions": self.max_sessions >= 1,
+                  "max_context": self.max_context >= 0,
+                  "idle_timeout_s": math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0,
+                  "shutdown_grace_s": math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"bad server limit {bad[0]}={getattr(self, bad[0])!r}")
 
 
-class VerifierServicer(pb_grpc.VerifierServicer):
-    def __init__(self, engine: VerifierModel):
-        self.engine = engine
+class Unparseable:
+    """What the request deserializer returns for bytes that are not the expected message, so the servicer
+    can answer INVALID_ARGUMENT (gRPC's own deserialization failure would be an opaque INTERNAL)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _tolerant(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:
+            return Unparseable(str(exc))
+    return parse
+
+
+class Inbox:
+    """The client's messages, read by a thread into a queue so that every wait has a timeout."""
+
+    END = object()
+
+    def __init__(self, request_iterator):
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(request_iterator,), daemon=True).start()
+
+    def _read(self, request_iterator) -> None:
+        try:
+            for msg in request_iterator:
+                self._queue.put(msg)
+        except Exception:  # the call ended (cancelled, aborted, peer gone): nothing more will come
+            pass
+        self._queue.put(self.END)
+
+    def get(self, timeout: float):
+        return self._queue.get(timeout=timeout)
+
+
+class VerifierServicer:
+    """Methods mirror the proto: Session (bidirectional stream) and Generate (LLM-only baseline)."""
+
+    def __init__(self, engine: VerifierModel, limits: ServerLimits, metrics: VerifierMetrics):
+        self.engine, self.limits, self.metrics = engine, limits, metrics
+        self.max_context = min(engine.max_context, limits.max_context or engine.max_context)
+        self.draining = threading.Event()
+        self._sessions: dict[str, SessionState] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # -- admission ---------------------------------------------------------------------------------------
+    def _check_serving(self) -> None:
+        if self.draining.is_set():
+            raise SessionAbort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; reopen the session on "
+                               "another replica (the edge replays its history)", "shutdown")
+
+    def _admit(self, state: SessionState) -> None:
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"verifier is at its limit of {self.limits.max_sessions} concurrent sessions; "
+                                   "retry later or use another replica", "capacity")
+            self._sessions[state.session_id] = state
+            count = len(self._sessions)
+        self.metrics.sessions.set(count)
+        self.metrics.sessions_opened.inc()
+
+    def _release(self, state: SessionState) -> None:
+        with self._lock:
+            self._sessions.pop(state.session_id, None)
+            count = len(self._sessions)
+        self.metrics.sessions.set(count)
 
     # -- Session -------------------------------------------------------------------------------------
+    def _next(self, inbox: Inbox, expected: str):
+        """The client's next message (None when it half-closed), waiting at most the idle timeout."""
+        deadline = time.monotonic() + self.limits.idle_timeout_s
+        while True:
+            self._check_serving()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SessionAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"no {expected} within the idle timeout of {self.limits.idle_timeout_s:g} s; "
+                                   "session evicted: reopen it to continue (the edge replays its history)", "idle")
+            try:
+                msg = inbox.get(timeout=min(remaining, _POLL_S))
+            except queue.Empty:
+                continue
+            if msg is Inbox.END:
+                return None
+            if isinstance(msg, Unparseable):
+                raise SessionAbort(INVALID, f"not a valid hybrid.v1.EdgeMessage ({msg.error})", "parse")
+            return msg
+
     def _open(self, msg: pb.EdgeMessage) -> SessionState:
-        if msg.WhichOneof("kind") != "open":
-            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"a session must start with Open, got {msg.WhichOneof('kind') or 'an empty message'}")
-        op = msg.open
-        _check_fingerprint(op.fingerprint, self.engine)
-        try:
-            settings, codec = sampling_from_msg(op.sampling), codec_from_msg(op.codec)
-        except ValueError as exc:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, f"bad Open: {exc}") from None
-        prompt = _check_ids(op.prompt_ids, self.engine.vocab_size, "Open.prompt_ids")
-        if not prompt:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, "Open.prompt_ids is empty: send at least one token")
-        if len(prompt) >= self.engine.max_context:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"prompt of {len(prompt)} tokens exceeds the context limit {self.engine.max_context}")
+        kind = msg.WhichOneof("kind")
+        if kind != "open":
+            raise SessionAbort(ORDER, f"a session must start with Open, got {kind or 'an empty message'}", "order")
+        op, vocab = msg.open, self.engine.vocab_size
+        check_fingerprint(op.fingerprint, self.engine.fingerprint)
+        settings = check_sampling(op.sampling, vocab, "Open")
+        codec = check_codec(op.codec, vocab)
+        prompt = check_prompt(op.prompt_ids, vocab, self.max_context, "Open.prompt_ids")
         state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None)
         state.report_target_prob = op.report_target_prob
+        self._admit(state)
         return state
 
     def _verify(self, state: SessionState, v: pb.Verify, expected_seq: int) -> pb.Verdict:
         t_received = time.perf_counter()
-        if v.seq != expected_seq:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, f"Verify.seq is {v.seq}, expected {expected_seq}")
-        vocab = self.engine.vocab_size
-        pending = _check_ids(v.pending_ids, vocab, "Verify.pending_ids")
-        _check_ids([v.draft_id], vocab, "Verify.draft_id")
-        if len(state.context) + len(pending) + 1 > self.engine.max_context:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"session would exceed the context limit of {self.engine.max_context} tokens")
-        try:
-            p_tilde = decode(v.distribution, state.codec, vocab)
-        except CodecError as exc:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, f"Verify.distribution: {exc}") from None
-        if not p_tilde.contains(v.draft_id):
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"draft {v.draft_id} has probability 0 in the sent distribution; "
-                               "drafts must be drawn from the distribution that is sent")
+        pending, p_tilde = check_verify(v, expected_seq, len(state.context), state.codec, self.engine.vocab_size,
+                                        self.max_context)
         outcome = self.engine.verify(state, pending, v.draft_id, p_tilde)
+        seconds = time.perf_counter() - t_received
+        self.metrics.verifies.inc()
+        self.metrics.accepted.inc(outcome.accepted)
+        self.metrics.verify_seconds.observe(seconds)
         return pb.Verdict(seq=v.seq, accepted=outcome.accepted, token_id=outcome.token,
                           target_prob=outcome.target_prob if state.report_target_prob else 0.0,
-                          server_seconds=time.perf_counter() - t_received)
+                          server_seconds=seconds)
+
+    def _after_close(self, inbox: Inbox) -> None:
+        """After Close the client may only half-close; anything else it sends is an order error."""
+        try:
+            msg = inbox.get(timeout=min(self.limits.idle_timeout_s, 5.0))
+        except queue.Empty:
+            return
+        if msg is not Inbox.END:
+            raise SessionAbort(ORDER, "message after Close: a closed session takes nothing more; open a new stream",
+                               "order")
 
     def Session(self, request_iterator, context):
+        inbox, state = Inbox(request_iterator), None
         try:
-            first = next(request_iterator, None)
+            first = self._next(inbox, "Open")
             if first is None:
                 return
             state = self._open(first)
+            log.info("session opened", extra={"session": state.session_id, "peer": context.peer(),
+                                               "prompt_tokens": len(state.context)})
             yield pb.CloudMessage(opened=pb.Opened(
-                session_id=state.session_id, max_context=self.engine.max_context,
-                max_message_bytes=MAX_MESSAGE_BYTES,
-                fingerprint=pb.Fingerprint(**self.engine.fingerprint)))
+                session_id=state.session_id, max_context=self.max_context,
+                max_message_bytes=self.limits.max_message_bytes, fingerprint=pb.Fingerprint(**self.engine.fingerprint)))
             expected = 1
-            for msg in request_iterator:
+            while (msg := self._next(inbox, "Verify or Close")) is not None:
                 kind = msg.WhichOneof("kind")
                 if kind == "close":
+                    self._release(state)
+                    self._after_close(inbox)
                     return
                 if kind != "verify":
-                    raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"unexpected {kind or 'empty message'} inside an open session")
+                    raise SessionAbort(ORDER, "second Open in one session: one stream carries one session; open a "
+                                       "new stream" if kind == "open" else "empty EdgeMessage: set open, verify or "
+                                       "close", "order")
                 yield pb.CloudMessage(verdict=self._verify(state, msg.verify, expected))
                 expected += 1
         except SessionAbort as exc:
-            log.info("session aborted: %s %s", exc.code.name, exc)
+            self._count_abort(exc)
+            log.info("session ended", extra={"session": state.session_id if state else None, "peer": context.peer(),
+                                              "code": exc.code.name, "reason": exc.reason, "detail": str(exc)})
             context.abort(exc.code, str(exc))
+        finally:
+            if state is not None:
+                self._release(state)
+                log.info("session closed", extra={"session": state.session_id, "verifies": state.verifies,
+                                                  "accepted": state.accepted})
+
+    def _count_abort(self, exc: SessionAbort) -> None:
+        if exc.reason in EVICTION_REASONS:
+            self.metrics.evictions.labels(exc.reason).inc()
+        else:
+            self.metrics.rejected.labels(exc.reason).inc()
 
     # -- Generate (cloud-only baseline) -----------------------------------------------------------------
     def Generate(self, request, context):
         try:
-            _check_fingerprint(request.fingerprint, self.engine)
-            try:
-                settings = sampling_from_msg(request.sampling)
-            except ValueError as exc:
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, f"bad GenerateRequest: {exc}") from None
-            prompt = _check_ids(request.prompt_ids, self.engine.vocab_size, "GenerateRequest.prompt_ids")
-            if not prompt or len(prompt) + request.max_new_tokens > self.engine.max_context:
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"need 1 <= prompt + max_new_tokens <= {self.engine.max_context} tokens")
+            self._check_serving()
+            if isinstance(request, Unparseable):
+                raise SessionAbort(INVALID, f"not a valid hybrid.v1.GenerateRequest ({request.error})", "parse")
+            check_fingerprint(request.fingerprint, self.engine.fingerprint)
+            settings = check_sampling(request.sampling, self.engine.vocab_size, "GenerateRequest")
+            prompt = check_prompt(request.prompt_ids, self.engine.vocab_size, self.max_context,
+                                  "GenerateRequest.prompt_ids", extra=request.max_new_tokens)
             seed = request.seed if request.HasField("seed") else None
+            self.metrics.generates.inc()
             for token in self.engine.generate(prompt, settings, seed, request.max_new_tokens, set(request.stop_ids)):
-                if not context.is_active():
+                if not context.is_active() or self.draining.is_set():
                     return
                 yield pb.GenerateChunk(token_ids=[token])
         except SessionAbort as exc:
+            self._count_abort(exc)
             context.abort(exc.code, str(exc))
 
 
-def build_server(engine: VerifierModel, address: str, max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) server with the Verifier, health and reflection services."""
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-    pb_grpc.add_VerifierServicer_to_server(VerifierServicer(engine), server)
+def _verifier_handlers(servicer: VerifierServicer) -> grpc.GenericRpcHandler:
+    """The Verifier service, registered like the generated ``add_VerifierServicer_to_server`` but with
+    tolerant request parsing (see ``Unparseable``)."""
+    handlers = {
+        "Session": grpc.stream_stream_rpc_method_handler(
+            servicer.Session, request_deserializer=_tolerant(pb.EdgeMessage),
+            response_serializer=pb.CloudMessage.SerializeToString),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_tolerant(pb.GenerateRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+@dataclass
+class VerifierServer:
+    server: grpc.Server
+    port: int
+    servicer: VerifierServicer
+    health: health.HealthServicer
+
+    def drain_and_stop(self) -> None:
+        """Graceful stop: refuse new work, answer what is in flight, end sessions, exit after the grace."""
+        log.warning("draining: no new sessions; open sessions end at their next message")
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer.draining.set()
+        self.server.stop(grace=self.servicer.limits.shutdown_grace_s).wait()
+
+
+def build_server(engine: VerifierModel, address: str, limits: ServerLimits = ServerLimits(),
+                 metrics: VerifierMetrics | None = None, credentials: grpc.ServerCredentials | None = None,
+                 tokens: TokenStore | None = None) -> VerifierServer:
+    """A not-yet-started server with the Verifier, health and reflection services, bound to ``address``."""
+    metrics = metrics or VerifierMetrics()
+    # A thread per session stream plus room for health checks and Generate calls; past that, gRPC itself
+    # answers RESOURCE_EXHAUSTED instead of queueing calls that would never be served in time.
+    workers = limits.max_sessions + 16
+    options = [("grpc.max_receive_message_length", limits.max_message_bytes),
+               ("grpc.max_send_message_length", limits.max_message_bytes)]
+    interceptors = [TokenAuthInterceptor(tokens, lambda reason: metrics.rejected.labels(reason).inc())] if tokens else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
+                         interceptors=interceptors, maximum_concurrent_rpcs=workers)
+    servicer = VerifierServicer(engine, limits, metrics)
+    server.add_generic_rpc_handlers((_verifier_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    return server, port
+    return VerifierServer(server, port, servicer, health_servicer)
 
 
-def serve(engine: VerifierModel, host: str, port: int, ready_line: bool = True) -> None:
-    """Serve until SIGTERM/SIGINT; then stop accepting and give in-flight calls a grace period."""
-    server, bound = build_server(engine, f"{host}:{port}")
-    server.start()
+def serve(built: VerifierServer, host: str, ready_line: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (see ``VerifierServer.drain_and_stop``)."""
+    built.server.start()
     if ready_line:
-        print(f"verifier listening on {host}:{bound}", flush=True)  # tests and scripts wait for this line
-    stopped = threading.Event()
-
-    def _stop(signum, frame):
-        server.stop(grace=5).wait()
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    stopped.wait()
+        print(f"verifier listening on {host}:{built.port}", flush=True)  # tests and scripts wait for this line
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    stop.wait()
+    built.drain_and_stop()

@@ -519,6 +519,12 @@ def _check_counts(counts: np.ndarray, total: int, spec: CodecSpec, allow_zero: b
         raise _fail(spec, f"counts sum to {int(counts.sum())}, expected exactly {total}")
 
 
+# How far a float payload's sum may sit from 1: rounding p to the dtype moves each entry by at most one
+# unit in the last place, and float16 flushes entries below ~3e-8 to 0 (at most ~5e-3 of mass at a
+# 152k vocabulary). Anything further off was not a normalized distribution on the edge.
+_FLOAT_SUM_TOLERANCE = {"full32": 1e-4, "full16": 1e-2}
+
+
 def _decode_float(data: bytes, spec: CodecSpec, vocab_size: int) -> Compressed:
     dtype = _FLOAT_DTYPES[spec.name]
     _check_length(data, dtype.itemsize * vocab_size, spec, f"{vocab_size} × {dtype.name}")
@@ -535,6 +541,9 @@ def _decode_float(data: bytes, spec: CodecSpec, vocab_size: int) -> Compressed:
     c = _compressed_from_floats(values)
     if c is None:
         raise _fail(spec, "all values are zero; expected a positive sum")
+    if abs(c.total - 1.0) > _FLOAT_SUM_TOLERANCE[spec.name]:
+        raise _fail(spec, f"values sum to {c.total:.6g}; probabilities must sum to 1 "
+                    f"(within {_FLOAT_SUM_TOLERANCE[spec.name]:g})")
     return c
 
 

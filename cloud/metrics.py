@@ -1,0 +1,34 @@
+"""Prometheus metrics of one verifier: sessions, verifies, acceptance, verify latency, evictions, rejects.
+
+Each server gets its own registry (tests run several servers in one process); ``serve_metrics`` exposes
+it over HTTP with prometheus_client's own server. The acceptance rate is
+``verifier_accepted_total / verifier_verifies_total`` (Prometheus computes rates from counters).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Verify latency on a CPU verifier ranges from ~1 ms (small model, short tail) to seconds (7B, long prefill).
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class VerifierMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("verifier_sessions", "sessions open now", registry=r)
+        self.sessions_opened = Counter("verifier_sessions_opened", "sessions opened", registry=r)
+        self.verifies = Counter("verifier_verifies", "Verify messages answered", registry=r)
+        self.accepted = Counter("verifier_accepted", "drafts accepted", registry=r)
+        self.verify_seconds = Histogram("verifier_verify_seconds", "time from receiving a Verify to its Verdict",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.evictions = Counter("verifier_evictions", "sessions ended by the verifier", ["reason"], registry=r)
+        self.rejected = Counter("verifier_rejected_messages", "calls refused, by reason", ["reason"], registry=r)
+        self.generates = Counter("verifier_generates", "Generate (LLM-only) calls served", registry=r)
+
+
+def serve_metrics(metrics: VerifierMetrics, host: str, port: int) -> int:
+    """Expose ``metrics`` at http://HOST:PORT/metrics in a daemon thread; returns the bound port."""
+    httpd, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    return httpd.server_port

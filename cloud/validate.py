@@ -1,0 +1,101 @@
+"""Every check the verifier applies to what a client sends, each failing with a gRPC status and a message a
+person can act on.
+
+``SessionAbort`` carries the status code, the message, and a short ``reason`` label that the metrics count
+rejected messages by. The servicer turns it into ``context.abort``: only that client's call ends.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from edge.sampling import SamplingSettings
+from proto import hybrid_pb2 as pb
+from proto.codec import CodecError, CodecSpec, Compressed, decode
+from proto.fingerprint import describe_mismatch
+from proto.messages import codec_from_msg, sampling_from_msg
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+ORDER = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SessionAbort(Exception):
+    """Ends one call with a gRPC status code and a human-readable message; ``reason`` labels the metric."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+def check_ids(ids, vocab: int, what: str) -> list[int]:
+    """The ids as a list, or INVALID_ARGUMENT naming the first one outside [0, vocab).
+
+    Ids travel as uint32, so a client that encodes -1 arrives here as 4294967295 and is refused too.
+    """
+    bad = [t for t in ids if t >= vocab]
+    if bad:
+        raise SessionAbort(INVALID, f"{what} holds token id {bad[0]} outside the vocabulary [0, {vocab})", "token_id")
+    return list(ids)
+
+
+def check_fingerprint(msg: pb.Fingerprint, own: dict) -> None:
+    remote = {"vocab_size": msg.vocab_size, "tokenizer_hash": msg.tokenizer_hash}
+    mismatch = describe_mismatch(remote, own)
+    if mismatch:
+        raise SessionAbort(ORDER, mismatch, "fingerprint")
+
+
+def check_sampling(msg: pb.Sampling, vocab: int, what: str) -> SamplingSettings:
+    try:
+        settings = sampling_from_msg(msg)
+    except ValueError as exc:
+        raise SessionAbort(INVALID, f"bad {what}.sampling: {exc}", "sampling") from None
+    if settings.top_k > vocab:
+        raise SessionAbort(INVALID, f"{what}.sampling.top_k is {settings.top_k}, more than the vocabulary of {vocab}",
+                           "sampling")
+    return settings
+
+
+def check_codec(msg: pb.Codec, vocab: int) -> CodecSpec:
+    try:
+        codec = codec_from_msg(msg)
+    except ValueError as exc:
+        raise SessionAbort(INVALID, f"bad Open.codec: {exc}", "codec") from None
+    k = codec.k if codec.name == "topk" else codec.k_max if codec.name == "adaptive" else 0
+    if k > vocab:
+        raise SessionAbort(INVALID, f"Open.codec: {codec.name} keeps up to {k} entries, more than the vocabulary "
+                           f"of {vocab}", "codec")
+    return codec
+
+
+def check_prompt(ids, vocab: int, max_context: int, what: str, extra: int = 0) -> list[int]:
+    """A non-empty prompt of valid ids that leaves room for ``extra`` more tokens in the context."""
+    if not ids:
+        raise SessionAbort(INVALID, f"{what} is empty: send at least one token", "context")
+    if len(ids) + max(extra, 1) > max_context:
+        raise SessionAbort(INVALID, f"{what} has {len(ids)} tokens; with {max(extra, 1)} more it exceeds the "
+                           f"context limit of {max_context} tokens", "context")
+    return check_ids(ids, vocab, what)
+
+
+def check_verify(v: pb.Verify, expected_seq: int, context_len: int, codec: CodecSpec, vocab: int,
+                 max_context: int) -> tuple[list[int], Compressed]:
+    """The pending ids and the decoded p~ of a well-formed Verify, or SessionAbort naming what is wrong."""
+    if v.seq != expected_seq:
+        raise SessionAbort(INVALID, f"Verify.seq is {v.seq}, expected {expected_seq} (one Verify at a time, "
+                           "numbered from 1)", "seq")
+    if context_len + len(v.pending_ids) + 1 > max_context:
+        raise SessionAbort(INVALID, f"Verify carries {len(v.pending_ids)} pending ids; the session would hold "
+                           f"{context_len + len(v.pending_ids) + 1} tokens, over the context limit of "
+                           f"{max_context}", "context")
+    pending = check_ids(v.pending_ids, vocab, "Verify.pending_ids")
+    check_ids([v.draft_id], vocab, "Verify.draft_id")
+    try:
+        p_tilde = decode(v.distribution, codec, vocab)
+    except CodecError as exc:
+        raise SessionAbort(INVALID, f"Verify.distribution: {exc}", "distribution") from None
+    if not p_tilde.contains(v.draft_id):
+        raise SessionAbort(INVALID, f"draft {v.draft_id} has probability 0 in the sent distribution; drafts must be "
+                           "drawn from the distribution that is sent", "draft_support")
+    return pending, p_tilde
