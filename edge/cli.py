@@ -25,8 +25,9 @@ def _local(args, model, settings) -> dict:
 
 
 def _hybrid(args, model, settings) -> dict:
-    from edge.client import VerifierSession, connect
+    from edge.client import VerifierError
     from edge.hybrid import HybridConfig, generate_hybrid
+    from edge.resilient import ResilientSession
     from proto.codec import CodecSpec
 
     codec = CodecSpec(args.codec, k=args.codec_k, eps=args.eps, k_max=args.k_max, bits=args.bits)
@@ -39,27 +40,58 @@ def _hybrid(args, model, settings) -> dict:
         threshold = threshold_for(calibration, args.uncertainty, args.risk)
     config = HybridConfig(threshold=threshold, estimator=args.uncertainty, codec=codec, settings=settings,
                           max_new_tokens=args.max_new_tokens, samples=args.samples)
-    channel = connect(args.verifier, timeout=args.timeout)
+    failover, transport = _failover(args), _transport(args)
+    sessions: list[ResilientSession] = []
 
     def open_session(prompt_ids):
-        return VerifierSession(channel, model.manifest.fingerprint, prompt_ids, settings, codec, seed=args.seed,
-                               timeout=args.timeout)
+        sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, settings, codec,
+                                         seed=args.seed, timeout=args.timeout, transport=transport))
+        return sessions[-1]
 
     trace = open(args.trace, "w") if args.trace else None
     try:
         result = generate_hybrid(model, model.encode(args.prompt), config, seed=args.seed,
                                  open_session=open_session, trace=trace)
+    except VerifierError as exc:
+        partial = getattr(exc, "partial", None)
+        if partial is not None and partial.token_ids:  # nothing is lost: print what was generated
+            print(args.prompt + model.decode(partial.token_ids))
+        raise
     finally:
         if trace:
             trace.close()
-        channel.close()
     print(args.prompt + result.text)
     acc = result.acceptance_rate
     return {"tokens": len(result.token_ids), "threshold": threshold if math.isfinite(threshold) else str(threshold),
             "transmission_rate": round(result.transmission_rate, 4),
             "acceptance_rate": None if acc is None else round(acc, 4),
             "uplink_bytes_per_token": round(result.uplink_bytes_per_token, 1),
-            "tokens_per_s": round(result.tokens_per_s, 1)}
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "reconnects": sessions[0].reconnects if sessions else 0,
+            "unverified_tokens": result.unverified,
+            "cloud_errors": sessions[0].errors if sessions else []}
+
+
+def _failover(args):
+    from edge.resilient import Failover
+
+    return Failover(addresses=tuple(args.verifier), on_cloud_loss=args.on_cloud_loss,
+                    loss_after_s=args.cloud_loss_after, connect_timeout_s=min(args.timeout, 5.0))
+
+
+def _transport(args):
+    import os
+
+    from edge.transport import Transport
+
+    token = os.environ.get("EDGE_VERIFIER_TOKEN")
+    if args.token_file:
+        try:
+            token = open(args.token_file).read().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    return Transport(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls=args.tls, token=token,
+                     insecure=args.insecure)
 
 
 def _generate(args) -> int:
@@ -157,6 +189,17 @@ def _address(text: str) -> str:
     return text
 
 
+def _addresses(text: str) -> list[str]:
+    return [_address(a.strip()) for a in text.split(",")]
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
 def _unit_interval(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -179,7 +222,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     h = p.add_argument_group("hybrid (with a verifier)")
-    h.add_argument("--verifier", type=_address, help="HOST:PORT of `python -m cloud serve`; omit for SLM-only")
+    h.add_argument("--verifier", type=_addresses,
+                   help="HOST:PORT of `python -m cloud serve` (several, comma-separated: replicas to fail over "
+                        "to); omit for SLM-only")
     h.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                    help="send a token iff its uncertainty u > this; -inf = verify all (HLM), inf = never")
     h.add_argument("--uncertainty", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
@@ -192,6 +237,19 @@ def build_parser() -> OneLineParser:
     h.add_argument("--bits", type=positive_int, default=12, help="adaptive: probability resolution")
     h.add_argument("--timeout", type=non_negative_float, default=30.0, help="seconds to wait for any reply")
     h.add_argument("--trace", help="write one JSON line per generated token to this file")
+    h.add_argument("--on-cloud-loss", default="fail", choices=["fail", "wait", "local"],
+                   help="when no verifier answers for --cloud-loss-after s: stop with an error (printing the "
+                        "text so far), keep retrying, or go on SLM-only and mark unverified tokens")
+    h.add_argument("--cloud-loss-after", type=_positive_seconds, default=10.0,
+                   help="seconds without any reachable verifier before --on-cloud-loss applies (default 10)")
+    s = p.add_argument_group("security (see README)")
+    s.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    s.add_argument("--tls-ca", help="PEM CA certificate to trust for the verifier (implies TLS)")
+    s.add_argument("--tls-cert", help="PEM client certificate for mutual TLS (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--token-file", help="file holding this device's bearer token (or set EDGE_VERIFIER_TOKEN)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plaintext to a non-loopback verifier (loopback needs no flag)")
     h.add_argument("--calibration", help="calibration.json from `python -m edge calibrate`: sets --threshold")
     h.add_argument("--risk", default="averse",
                    help="with --calibration: averse (U-HLM -b/a), prone, or a number = tolerated mean rejection "

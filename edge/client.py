@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import grpc
 
 from edge.sampling import SamplingSettings
+from edge.transport import Transport
 from proto import hybrid_pb2 as pb
 from proto import hybrid_pb2_grpc as pb_grpc
 from proto.codec import CodecSpec
 from proto.messages import codec_to_msg, sampling_to_msg, wire_size
 
 _END = object()
+PLAINTEXT = Transport()
 
 
 class VerifierError(RuntimeError):
@@ -43,9 +45,13 @@ class VerdictResult:
     server_seconds: float  # the verifier's own time for it (queue for the model + forward + rejection)
 
 
-def connect(address: str, timeout: float = 10.0) -> grpc.Channel:
-    """An insecure channel to ``address`` once it is ready (or VerifierError after ``timeout``)."""
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 20)])
+def connect(address: str, timeout: float = 10.0, transport: Transport = PLAINTEXT) -> grpc.Channel:
+    """A channel to ``address`` once it is ready (VerifierError after ``timeout``), plaintext or TLS with an
+    optional bearer token as ``transport`` says."""
+    try:
+        channel = transport.channel(address)
+    except ValueError as exc:
+        raise VerifierError(str(exc)) from None
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:

@@ -21,7 +21,7 @@ from typing import TextIO
 
 import numpy as np
 
-from edge.client import VerifierSession
+from edge.client import VerifierError, VerifierSession
 from edge.model import EdgeModel
 from edge.sampling import SamplingSettings, probabilities
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS, get_estimator
@@ -59,6 +59,7 @@ class TokenRecord:
     pending: int = 0  # kept tokens this Verify carried up (prefilled by the verifier with this position)
     down_bytes: int = 0  # downlink wire bytes of this position's Verdict
     server_s: float = 0.0  # the verifier's own time for this Verify (its share of wait_s)
+    unverified: bool = False  # should have been verified, but no verifier was reachable (--on-cloud-loss local)
 
 
 @dataclass
@@ -83,6 +84,11 @@ class HybridResult:
     @property
     def acceptance_rate(self) -> float | None:
         return sum(bool(r.accepted) for r in self.records if r.sent) / self.sent if self.sent else None
+
+    @property
+    def unverified(self) -> int:
+        """Tokens that should have been verified but were kept unchecked because the cloud was lost."""
+        return sum(r.unverified for r in self.records)
 
     @property
     def uplink_bytes_per_token(self) -> float:
@@ -118,6 +124,16 @@ def write_trace_close(out: TextIO, result: HybridResult) -> None:
     row = {"kind": "close", "tokens": len(result.token_ids), "uplink_bytes": result.uplink_bytes,
            "downlink_bytes": result.downlink_bytes, "seconds": result.seconds, "text": result.text}
     out.write(json.dumps(row) + "\n")
+
+
+def _verify_keeping_partial(session, pending, draft, payload, result: HybridResult):
+    """``session.verify``; a failure carries the tokens generated so far (``exc.partial``): nothing is lost."""
+    try:
+        return session.verify(pending, draft, payload)
+    except VerifierError as exc:
+        exc.partial = result
+        session.close()
+        raise
 
 
 def generate_hybrid(
@@ -156,9 +172,13 @@ def generate_hybrid(
                              None, slm_step, 0.0, draft_prob=p_tilde.prob(draft))
         if all_estimators:
             record.u_all = {n: float(e(logits, draft, u_rng)) for n, e in all_estimators.items()}
+        verdict = None
         if session is not None and u > config.threshold:
-            verdict = session.verify(pending, draft, encode(p_tilde, config.codec, vocab))
-            record.pending, record.down_bytes, record.server_s = len(pending), verdict.downlink_bytes, verdict.server_seconds
+            verdict = _verify_keeping_partial(session, pending, draft, encode(p_tilde, config.codec, vocab), result)
+            record.unverified = verdict is None  # the cloud is lost and the policy is to go on locally
+        if verdict is not None:
+            record.pending, record.down_bytes, record.server_s = len(pending), verdict.downlink_bytes, \
+                verdict.server_seconds
             pending = []
             record.sent, record.bytes, record.accepted = True, verdict.uplink_bytes, verdict.accepted
             record.returned, record.token, record.wait_s = verdict.token, verdict.token, verdict.wait_seconds

@@ -1,0 +1,175 @@
+"""A verifier session that survives lost connections, dead replicas and evictions, losing no text.
+
+The edge holds the authoritative token history (prompt + every agreed token). When a call fails with a
+transient status (the replica died, the stream broke, the verifier evicted the session or is draining),
+``ResilientSession`` reconnects with exponential backoff and full jitter, trying the configured verifier
+addresses in turn, reopens a session whose prompt is the whole history (the replay), and sends the
+failed Verify again. The verifier's randomness at a position depends only on (seed, position), so with
+the same seeds the final text equals an uninterrupted run's.
+
+When no verifier answers for ``loss_after_s``, the ``on_cloud_loss`` policy decides:
+``fail`` raises ``CloudLost``; ``wait`` keeps trying (with backoff, without limit); ``local`` stops
+verifying: ``verify`` returns None from then on, and the caller keeps its drafts, marking them unverified.
+Refusals that a retry cannot fix (bad input, wrong fingerprint, bad credentials) are raised at once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from edge.client import PLAINTEXT, VerdictResult, VerifierError, VerifierSession, connect
+from edge.sampling import SamplingSettings
+from edge.transport import Transport
+from proto.codec import CodecSpec
+
+CLOUD_LOSS_POLICIES = ("fail", "wait", "local")
+# A retry (on this replica or another) can fix these; everything else is the client's to fix.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.INTERNAL, None}  # None: no status at all (timeout, stream gone)
+
+
+class CloudLost(VerifierError):
+    """No verifier reachable within the configured time (policy ``fail``)."""
+
+
+@dataclass(frozen=True)
+class Failover:
+    addresses: tuple[str, ...]
+    on_cloud_loss: str = "fail"
+    loss_after_s: float = 10.0  # no verifier for this long = the cloud is lost
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+    connect_timeout_s: float = 2.0  # per attempt
+
+    def __post_init__(self):
+        if not self.addresses:
+            raise ValueError("give at least one verifier address")
+        if self.on_cloud_loss not in CLOUD_LOSS_POLICIES:
+            raise ValueError(f"on_cloud_loss must be one of {', '.join(CLOUD_LOSS_POLICIES)}, got {self.on_cloud_loss!r}")
+        if not (0 < self.backoff_initial_s <= self.backoff_max_s and self.loss_after_s > 0
+                and self.connect_timeout_s > 0):
+            raise ValueError("need 0 < backoff_initial_s <= backoff_max_s, loss_after_s > 0, connect_timeout_s > 0")
+
+
+def is_retryable(exc: VerifierError) -> bool:
+    return exc.code in RETRYABLE
+
+
+class ResilientSession:
+    """Same interface as ``VerifierSession`` (``verify``, ``close``, byte counters), plus failover."""
+
+    def __init__(self, failover: Failover, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
+                 codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
+                 timeout: float = 30.0, transport: Transport = PLAINTEXT):
+        self.failover, self.transport = failover, transport
+        self._open_args = dict(fingerprint=fingerprint, settings=settings, codec=codec, seed=seed,
+                               report_target_prob=report_target_prob, timeout=timeout)
+        self.report_target_prob = report_target_prob
+        self.history = list(prompt_ids)  # prompt + every agreed token: what a reopened session replays
+        self.reconnects = 0  # sessions reopened after a failure
+        self.lost = False  # policy local, no verifier: nothing is verified from here on
+        self.errors: list[str] = []  # what went wrong, in order, for the user's records
+        self._session: VerifierSession | None = None
+        self._channel: grpc.Channel | None = None
+        self._index = 0  # which address is in use
+        self._rng = random.Random()  # jitter only: never touches the generation's random streams
+        self._bytes_done = [0, 0]  # up, down of sessions already ended
+        self._trouble_since: float | None = None
+        self._connect(first=True)
+
+    # -- the VerifierSession interface ----------------------------------------------------------------
+    @property
+    def uplink_bytes(self) -> int:
+        return self._bytes_done[0] + (self._session.uplink_bytes if self._session else 0)
+
+    @property
+    def downlink_bytes(self) -> int:
+        return self._bytes_done[1] + (self._session.downlink_bytes if self._session else 0)
+
+    def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult | None:
+        """The verdict, after as many reconnects as needed; None once the cloud is lost (policy local)."""
+        while not self.lost:
+            if self._session is None and not self._connect(first=False):
+                return None
+            try:
+                verdict = self._session.verify(pending, draft, distribution)
+            except VerifierError as exc:
+                if not is_retryable(exc):
+                    raise
+                self._drop(exc)
+                waited = time.monotonic() - self._trouble_since
+                if self.failover.on_cloud_loss != "wait" and waited >= self.failover.loss_after_s:
+                    self._declare_lost(waited)  # replicas open sessions but fail every Verify
+                continue
+            self._trouble_since = None
+            self.history += [*pending, verdict.token]
+            return verdict
+        return None
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        if self._channel is not None:
+            self._channel.close()
+
+    # -- failover ------------------------------------------------------------------------------------
+    def _drop(self, exc: VerifierError) -> None:
+        """Forget the broken session (keeping its byte counts) and move on to the next address."""
+        self.errors.append(f"{self.failover.addresses[self._index]}: {exc}")
+        if self._session is not None:
+            self._bytes_done[0] += self._session.uplink_bytes
+            self._bytes_done[1] += self._session.downlink_bytes
+        if self._channel is not None:
+            self._channel.close()
+        self._session = self._channel = None
+        self._index = (self._index + 1) % len(self.failover.addresses)
+        if self._trouble_since is None:
+            self._trouble_since = time.monotonic()
+
+    def _try_open(self, address: str) -> None:
+        channel = connect(address, timeout=self.failover.connect_timeout_s, transport=self.transport)
+        try:
+            self._session = VerifierSession(channel, prompt_ids=list(self.history), **self._open_args)
+        except VerifierError:
+            channel.close()
+            raise
+        self._channel = channel
+
+    def _connect(self, first: bool) -> bool:
+        """Open a session on some replica, replaying the history; False when the cloud is declared lost
+        (policy local). Backs off between rounds over all addresses; bounded unless the policy is wait."""
+        f = self.failover
+        if self._trouble_since is None:
+            self._trouble_since = time.monotonic()
+        delay = f.backoff_initial_s
+        while True:
+            for _ in f.addresses:
+                try:
+                    self._try_open(f.addresses[self._index])
+                except VerifierError as exc:
+                    if not is_retryable(exc):
+                        raise
+                    self.errors.append(f"{f.addresses[self._index]}: {exc}")
+                    self._index = (self._index + 1) % len(f.addresses)
+                    continue
+                self.reconnects += not first
+                return True
+            waited = time.monotonic() - self._trouble_since
+            if f.on_cloud_loss != "wait" and waited >= f.loss_after_s:
+                return self._declare_lost(waited)
+            time.sleep(self._rng.uniform(0, delay))  # full jitter: replicas are not hit in lockstep
+            delay = min(2 * delay, f.backoff_max_s)
+
+    def _declare_lost(self, waited: float) -> bool:
+        message = (f"no verifier reachable at {', '.join(self.failover.addresses)} for {waited:.1f} s "
+                   f"(last error: {self.errors[-1] if self.errors else 'none'})")
+        if self.failover.on_cloud_loss == "fail":
+            raise CloudLost(message)
+        self.errors.append(message)
+        self.lost = True
+        return False

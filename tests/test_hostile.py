@@ -1,0 +1,269 @@
+"""Hostile clients against a live verifier: each malformed or out-of-order input gets its own gRPC status
+with an actionable message, ends only its own call, and a well-behaved session running at the same
+time finishes with exactly the output it has when alone."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from cloud.launch import VerifierProcess
+from edge.client import connect
+from edge.model import EdgeModel
+from edge.sampling import softmax
+from proto import hybrid_pb2 as pb
+from proto.codec import CodecSpec, compress, encode
+from proto.messages import codec_to_msg
+from tests.conftest import DEMO_PAIR
+from tests.test_codec import topk_bytes
+from tests.verifier_clients import GoodGeneration, is_serving, metric, raw_generate, raw_session
+
+pytestmark = pytest.mark.hostile
+
+V = 32000
+MAX_SESSIONS, IDLE_S, MAX_CONTEXT, MAX_MESSAGE = 6, 3.0, 128, 200_000
+INVALID, ORDER = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    args = ("--max-sessions", str(MAX_SESSIONS), "--idle-timeout", str(IDLE_S), "--max-context", str(MAX_CONTEXT),
+            "--max-message-bytes", str(MAX_MESSAGE), "--metrics-port", "0")
+    with VerifierProcess(str(DEMO_PAIR / "llm"), extra_args=args) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def channel(verifier):
+    ch = connect(verifier.address)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def model(slm_onnx):
+    return EdgeModel(slm_onnx, providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(model, channel):
+    """The well-behaved generation's output with the verifier to itself."""
+    run = GoodGeneration(model, channel)
+    run.run()
+    assert run.error is None and run.token_ids
+    return run.token_ids
+
+
+# -- message builders ---------------------------------------------------------------------------------
+FULL32 = CodecSpec("full32")
+P = softmax(np.random.default_rng(0).normal(size=V) * 3)  # [V] a valid distribution
+DRAFT = int(np.argmax(P))
+
+
+def fingerprint(model, **change) -> pb.Fingerprint:
+    return pb.Fingerprint(**{**model.manifest.fingerprint, **change})
+
+
+def open_msg(model, codec: CodecSpec | pb.Codec = FULL32, prompt=(5, 6, 7), **fields) -> pb.EdgeMessage:
+    codec = codec if isinstance(codec, pb.Codec) else codec_to_msg(codec)
+    defaults = dict(fingerprint=fingerprint(model), sampling=pb.Sampling(temperature=1.0), prompt_ids=list(prompt),
+                    codec=codec, seed=1)
+    return pb.EdgeMessage(open=pb.Open(**{**defaults, **fields}))
+
+
+def full32(values: np.ndarray) -> bytes:
+    return values.astype("<f4").tobytes()
+
+
+def verify_msg(seq=1, pending=(), draft=DRAFT, distribution: bytes | None = None) -> pb.EdgeMessage:
+    payload = encode(compress(P, FULL32), FULL32, V) if distribution is None else distribution
+    return pb.EdgeMessage(verify=pb.Verify(seq=seq, pending_ids=list(pending), draft_id=draft, distribution=payload))
+
+
+CLOSE = pb.EdgeMessage(close=pb.Close())
+
+
+def negative_prompt_id_open(model) -> bytes:
+    """An Open whose prompt holds -1, encoded as a 10-byte varint (what a client with int32/int64 ids sends)."""
+    base = open_msg(model, prompt=()).SerializeToString()
+    inner = pb.EdgeMessage.FromString(base).open.SerializeToString() + b"\x18" + b"\xff" * 9 + b"\x01"
+    return b"\x0a" + _varint(len(inner)) + inner
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _with(values: dict[int, float]) -> bytes:
+    p = P.astype(np.float32).copy()
+    for i, v in values.items():
+        p[i] = v
+    return full32(p)
+
+
+def topk_bad_sum() -> bytes:
+    return topk_bytes([3, 10], [200, 54])  # counts sum to 254, not 255
+
+
+def _zero_at_draft() -> bytes:
+    p = P.copy()
+    p[DRAFT] = 0
+    return full32(p / p.sum())
+
+
+# name -> (messages or a callable(model) returning them, expected code, a word the message must contain)
+SESSION_CASES = {
+    "wrong tokenizer hash": (lambda m: [open_msg(m, fingerprint=fingerprint(m, tokenizer_hash="0" * 64))], ORDER,
+                             "tokenizer"),
+    "wrong vocab size": (lambda m: [open_msg(m, fingerprint=fingerprint(m, vocab_size=V + 1))], ORDER, "vocab"),
+    "prompt id out of range": (lambda m: [open_msg(m, prompt=(5, V))], INVALID, "outside the vocabulary"),
+    "negative prompt id": (lambda m: [negative_prompt_id_open(m)], INVALID, "outside the vocabulary"),
+    "empty prompt": (lambda m: [open_msg(m, prompt=())], INVALID, "empty"),
+    "prompt over the context limit": (lambda m: [open_msg(m, prompt=[5] * MAX_CONTEXT)], INVALID, "context limit"),
+    "unknown codec": (lambda m: [open_msg(m, codec=pb.Codec(name="zstd"))], INVALID, "unknown codec"),
+    "k > vocabulary": (lambda m: [open_msg(m, codec=pb.Codec(name="adaptive", k=30, eps=0.01, k_max=40000,
+                                                             bits=16))], INVALID, "vocabulary"),
+    "topk k = 0": (lambda m: [open_msg(m, codec=pb.Codec(name="topk", k=0))], INVALID, "k must be"),
+    "NaN temperature": (lambda m: [open_msg(m, sampling=pb.Sampling(temperature=float("nan")))], INVALID,
+                        "temperature"),
+    "negative temperature": (lambda m: [open_msg(m, sampling=pb.Sampling(temperature=-1))], INVALID, "temperature"),
+    "top_p above 1": (lambda m: [open_msg(m, sampling=pb.Sampling(temperature=1, top_p=1.5))], INVALID, "top_p"),
+    "top_k above vocabulary": (lambda m: [open_msg(m, sampling=pb.Sampling(temperature=1, top_k=V + 5))], INVALID,
+                               "top_k"),
+    "Verify before Open": (lambda m: [verify_msg()], ORDER, "must start with Open"),
+    "Close before Open": (lambda m: [CLOSE], ORDER, "must start with Open"),
+    "empty first message": (lambda m: [pb.EdgeMessage()], ORDER, "must start with Open"),
+    "bytes that are not protobuf": (lambda m: [b"\xff\xff\xff\xff"], INVALID, "not a valid"),
+    "double Open": (lambda m: [open_msg(m), open_msg(m)], ORDER, "second Open"),
+    "Verify after Close": (lambda m: [open_msg(m), CLOSE, verify_msg()], ORDER, "after Close"),
+    "out-of-order seq": (lambda m: [open_msg(m), verify_msg(seq=5)], INVALID, "seq"),
+    "draft id out of range": (lambda m: [open_msg(m), verify_msg(draft=V + 7)], INVALID, "draft_id"),
+    "pending id out of range": (lambda m: [open_msg(m), verify_msg(pending=(1, 2**31))], INVALID, "pending_ids"),
+    "oversized pending list": (lambda m: [open_msg(m), verify_msg(pending=[5] * MAX_CONTEXT)], INVALID,
+                               "context limit"),
+    "NaN probability": (lambda m: [open_msg(m), verify_msg(distribution=_with({3: float("nan")}))], INVALID,
+                        "finite"),
+    "negative probability": (lambda m: [open_msg(m), verify_msg(distribution=_with({3: -0.01}))], INVALID,
+                             "negative"),
+    "unnormalized probabilities": (lambda m: [open_msg(m), verify_msg(distribution=full32(P * 0.5))], INVALID,
+                                   "sum to 1"),
+    "all-zero distribution": (lambda m: [open_msg(m), verify_msg(distribution=full32(np.zeros(V)))], INVALID,
+                              "zero"),
+    "distribution of the wrong length": (lambda m: [open_msg(m), verify_msg(distribution=full32(P[:-1]))], INVALID,
+                                         "Verify.distribution"),
+    "empty distribution": (lambda m: [open_msg(m), verify_msg(distribution=b"")], INVALID, "Verify.distribution"),
+    "draft outside the sent support": (lambda m: [open_msg(m), verify_msg(distribution=_zero_at_draft())], INVALID,
+                                       "probability 0"),
+    "truncated adaptive payload": (lambda m: [open_msg(m, codec=CodecSpec("adaptive")),
+                                              verify_msg(distribution=b"\x05\x01")], INVALID, "truncated"),
+    "topk counts not summing to 255": (lambda m: [open_msg(m, codec=CodecSpec("topk", k=2)),
+                                                  verify_msg(draft=3, distribution=topk_bad_sum())], INVALID, "sum"),
+    "oversized message": (lambda m: [open_msg(m), verify_msg(distribution=b"\0" * (MAX_MESSAGE + 1000))],
+                          EXHAUSTED, ""),
+}
+
+
+def generate_request(model, **fields) -> pb.GenerateRequest:
+    defaults = dict(fingerprint=fingerprint(model), sampling=pb.Sampling(temperature=1.0), prompt_ids=[5, 6, 7],
+                    max_new_tokens=4)
+    return pb.GenerateRequest(**{**defaults, **fields})
+
+
+GENERATE_CASES = {
+    "Generate: wrong fingerprint": (lambda m: generate_request(m, fingerprint=fingerprint(m, tokenizer_hash="ab")),
+                                    ORDER, "tokenizer"),
+    "Generate: prompt id out of range": (lambda m: generate_request(m, prompt_ids=[V + 1]), INVALID, "vocabulary"),
+    "Generate: past the context limit": (lambda m: generate_request(m, max_new_tokens=MAX_CONTEXT), INVALID,
+                                         "context limit"),
+    "Generate: bytes that are not protobuf": (lambda m: b"\x0a\xff", INVALID, "not a valid"),
+}
+
+
+def _alongside_good_session(model, channel, reference, hostile):
+    """Run ``hostile()`` while a well-behaved generation is in flight; check the server stays healthy
+    and the good session's output is exactly its solo output. Returns what ``hostile`` returned."""
+    good = GoodGeneration(model, channel)
+    good.start()
+    assert good.opened.wait(60)
+    outcome = hostile()
+    good.join(120)
+    assert not good.is_alive() and good.error is None, good.error
+    assert good.token_ids == reference
+    assert is_serving(channel)
+    return outcome
+
+
+@pytest.mark.parametrize("name", SESSION_CASES)
+def test_hostile_session_input(name, model, channel, reference):
+    build, expected, words = SESSION_CASES[name]
+    code, details, _ = _alongside_good_session(model, channel, reference, lambda: raw_session(channel, build(model)))
+    assert code == expected, details
+    assert words.lower() in details.lower()
+
+
+@pytest.mark.parametrize("name", GENERATE_CASES)
+def test_hostile_generate_input(name, model, channel, reference):
+    build, expected, words = GENERATE_CASES[name]
+    code, details, _ = _alongside_good_session(model, channel, reference, lambda: raw_generate(channel, build(model)))
+    assert code == expected, details
+    assert words.lower() in details.lower()
+
+
+def test_stream_left_idle_is_evicted(model, channel, reference, verifier):
+    before = metric(verifier.metrics_url, "verifier_evictions_total", 'reason="idle"')
+    code, details, responses = _alongside_good_session(
+        model, channel, reference, lambda: raw_session(channel, [open_msg(model)], hold_open_s=IDLE_S + 3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in details, details
+    assert responses and responses[0].WhichOneof("kind") == "opened"  # it was a real session, then evicted
+    assert metric(verifier.metrics_url, "verifier_evictions_total", 'reason="idle"') == before + 1
+
+
+def test_flood_of_sessions_past_the_limit(model, channel, reference, verifier):
+    """With the good session open, sessions are opened and held until one is refused: the limit holds."""
+    release = threading.Event()
+    results: list = []
+
+    def held_session():
+        def messages():
+            yield open_msg(model)
+            release.wait(30)
+        results.append(raw_session(channel, messages()))
+
+    def flood():
+        threads = []
+        for _ in range(MAX_SESSIONS + 2):  # bounded: the limit must bite within this many
+            threads.append(threading.Thread(target=held_session, daemon=True))
+            threads[-1].start()
+        deadline = threading.Event()
+        for _ in range(200):  # wait (bounded) until the refusals are in
+            if sum(r[0] == EXHAUSTED for r in results) >= 2:
+                break
+            deadline.wait(0.1)
+        release.set()
+        for t in threads:
+            t.join(60)
+        return results
+
+    out = _alongside_good_session(model, channel, reference, flood)
+    refused = [r for r in out if r[0] == EXHAUSTED]
+    assert len(refused) >= 2 and all("limit of 6 concurrent sessions" in r[1] for r in refused)
+    assert all(r[0] in (EXHAUSTED, grpc.StatusCode.OK) for r in out)
+
+
+def test_every_refusal_is_counted_and_sessions_return_to_zero(verifier, channel):
+    url = verifier.metrics_url
+    assert metric(url, "verifier_rejected_messages_total", 'reason="distribution"') >= 5
+    assert metric(url, "verifier_rejected_messages_total", 'reason="order"') >= 5
+    assert metric(url, "verifier_rejected_messages_total", 'reason="capacity"') >= 2
+    assert metric(url, "verifier_sessions") == 0
+    assert metric(url, "verifier_verifies_total") > 0
+    assert is_serving(channel)
