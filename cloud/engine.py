@@ -4,15 +4,15 @@ Per session the cloud keeps the agreed token ids (``context``) and a ``DynamicCa
 them but the last. Each Verify appends the edge's pending ids and runs ONE forward pass over the
 uncached tail (last agreed token + pending ids), whose last position is the one being verified; ``q``
 is formed there with the session's sampling settings through the same function the edge uses.
-Model calls are serialized through one lock (one worker); sessions only wait on each other there.
+Model calls run on one worker thread, one at a time; sessions only wait on each other there.
 """
 
 from __future__ import annotations
 
 import secrets
-import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +60,9 @@ class VerifierModel:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.fingerprint = {"vocab_size": self.vocab_size, "tokenizer_hash": tokenizer_hash(self.tokenizer)}
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
-        self._lock = threading.Lock()  # one model worker: forwards never interleave
+        # One model worker thread runs every forward: forwards never interleave, and the per-thread state
+        # of torch's CPU kernels exists once, not once per gRPC handler thread that ever verified.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def open(self, prompt_ids: list[int], settings: SamplingSettings, codec: CodecSpec,
              seed: int | None) -> SessionState:
@@ -68,9 +70,13 @@ class VerifierModel:
         return SessionState(settings, codec, seed, list(prompt_ids))
 
     def _logits_last(self, cache: DynamicCache, new_ids: list[int]) -> np.ndarray:
-        """One forward pass over ``new_ids`` after ``cache``; logits [V] of the last position."""
+        """One forward pass over ``new_ids`` after ``cache``, on the model worker; logits [V] of the last
+        position."""
+        return self._worker.submit(self._forward, cache, new_ids).result()
+
+    def _forward(self, cache: DynamicCache, new_ids: list[int]) -> np.ndarray:
         ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy()
 
