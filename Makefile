@@ -14,7 +14,7 @@ OTHER_ORT := $(if $(filter gpu,$(EDGE_RUNTIME)),onnxruntime,onnxruntime-gpu)
 STAMP := $(VENV)/.installed-$(EDGE_RUNTIME)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean simulate
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Network simulator study: record the demo pair's traces once (real edge + verifier, ~3 min), then sweep
+# bandwidth x RTT x devices x policy -> reports/sim/summary.json, sweep.csv and PNG plots.
+SIM_TRACES := reports/sim/traces
+simulate: setup
+	@test -f $(SIM_TRACES)/manifest.json || $(PY) -m simulate record --out $(SIM_TRACES) --problems 40
+	$(PY) -m simulate sweep --config configs/sim_default.json --out reports/sim
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import edge_decode, quality, uncertainty_cost
+from bench import edge_decode, quality, sim, uncertainty_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-quality", action="store_true",
                         help="skip the quality sweep (quality.tr_at_99 & co., ~10 min on 2 cores)")
+    parser.add_argument("--skip-sim", action="store_true", help="skip the simulator section (sim.*)")
+    parser.add_argument("--skip-validation", action="store_true",
+                        help="sim section without the netns validation (sim.validation_max_error)")
     return parser
 
 
@@ -60,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         edge_decode.merge_report(args.out, "quality", section)
         print(quality.format_table(section))
         print(f"wrote {args.out} (section 'quality')")
+    if not args.skip_sim:
+        section = sim.run(skip_validation=args.skip_validation)
+        edge_decode.merge_report(args.out, "sim", section)
+        print(sim.format_table(section))
+        print(f"wrote {args.out} (section 'sim')")
     return 0
 
 

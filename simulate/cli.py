@@ -76,10 +76,10 @@ def build_parser() -> OneLineParser:
     p = sub.add_parser("record", help="record one real trace per policy from the demo pair (real verifier)")
     p.add_argument("--out", type=Path, default=Path("reports/sim/traces"))
     p.add_argument("--problems", type=positive_int, default=40, help="held-out problems per policy")
-    p.add_argument("--calibration-problems", type=positive_int, default=30)
+    p.add_argument("--calibration-problems", type=positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--extra-thresholds", type=_float_list, default=[0.02, 0.2],
+    p.add_argument("--extra-thresholds", type=_float_list, default=[0.06, 0.2],
                    help="comma-separated extra thresholds for the default policy (default@U traces)")
     p.set_defaults(func=_record)
     p = sub.add_parser("validate", help="real edge + verifier in two network namespaces over a shaped veth "

@@ -10,7 +10,9 @@ batching rule is the model's extrapolation (traces are recorded one session at a
 show batching); runs default to ``max_batch = 1``.
 
 Edge: the trace's own per-token compute times are replayed (``edge.compute = "trace"``), or each
-replaced by the trace's median (``"median"``) to strip the recording machine's scheduling noise.
+replaced by the trace's median (``"median"``) to strip the recording machine's scheduling noise. Either
+way each token also gets an equal share of its generation's untimed loop work (``Generation.untimed_s``:
+wall time minus per-token compute and waits; encoding a full32 payload alone is ~1 ms per Verify).
 """
 
 from __future__ import annotations
@@ -74,10 +76,20 @@ def fit_service(trace: Trace) -> ServiceModel:
     return fit_line(*service_samples(trace))
 
 
+def rpc_overhead(trace: Trace) -> float:
+    """Per-Verify software latency of the gRPC path: median of (edge's wait - verifier's own time).
+
+    Valid for traces recorded on loopback (``simulate record``), where that difference is only the two
+    gRPC stacks' work (serialization, HTTP/2, thread hand-offs); for a trace recorded over a real
+    network it would include the network, so give ``verifier.rpc_overhead_s`` as a number instead."""
+    diffs = [g.wait_s[g.sent] - g.server_s[g.sent] for g in trace.generations if g.mode == "hybrid" and g.sent.any()]
+    return max(0.0, float(np.median(np.concatenate(diffs)))) if diffs else 0.0
+
+
 def edge_step_times(trace: Trace, mode: str) -> list[np.ndarray]:
     """Per generation, [T] edge compute per token as the simulator replays it."""
     if mode == "trace":
-        return [g.step_s for g in trace.generations]
+        return [g.step_s + g.untimed_s / g.tokens for g in trace.generations]
     # the first step also prefills the prompt: keep its own median apart from the decode steps'
     first = float(np.median([g.step_s[0] for g in trace.generations]))
     rest = [g.step_s[1:] for g in trace.generations if g.tokens > 1]
@@ -86,5 +98,6 @@ def edge_step_times(trace: Trace, mode: str) -> list[np.ndarray]:
     for g in trace.generations:
         times = np.full(g.tokens, step)
         times[0] = first
+        times += g.untimed_s / g.tokens
         out.append(times)
     return out

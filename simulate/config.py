@@ -12,7 +12,7 @@ Layout (every field but ``traces`` has a default; paths are relative to the work
                  "downlink": {"model": "fixed", "rate_bps": 1e8, "sharing": "ps"},
                  "framing":  {"mss": 1448, "tcpip_bytes": 52, "l2_bytes": 14, "headers_up": 120,
                               "headers_down": 100}},
-     "verifier": {"workers": 1, "max_batch": 1, "speed": 1.0},
+     "verifier": {"workers": 1, "max_batch": 1, "speed": 1.0, "rpc_overhead_s": "trace"},
      "edge": {"compute": "trace", "speed": 1.0},
      "sweep": {"uplink_bps": [...], "rtt_s": [...], "devices": [...], "policies": [...]}}
 
@@ -74,6 +74,7 @@ class SimConfig:
     workers: int = 1
     max_batch: int = 1
     verifier_speed: float = 1.0
+    rpc_overhead_s: float | None = None  # None = from the trace (``compute.rpc_overhead``)
     edge_compute: str = "trace"
     edge_speed: float = 1.0
     sweep: dict = field(default_factory=dict)
@@ -175,6 +176,12 @@ def _framing(f: _Fields) -> Framing:
     return out
 
 
+def _rpc_overhead(f: _Fields) -> float | None:
+    if f.get("rpc_overhead_s", "trace") == "trace":
+        return None
+    return f.number("rpc_overhead_s", 0.0)
+
+
 def _traces(f: _Fields) -> dict[str, str]:
     traces, folder = f.get("traces", None), f.get("traces_dir", None)
     if folder is not None:
@@ -229,6 +236,7 @@ def parse_config(raw) -> SimConfig:
         uplink=_link(net.sub("uplink"), 10e6), downlink=_link(net.sub("downlink"), 100e6),
         framing=_framing(net.sub("framing")), workers=ver.integer("workers", 1),
         max_batch=ver.integer("max_batch", 1), verifier_speed=ver.number("speed", 1.0, strict=True),
+        rpc_overhead_s=_rpc_overhead(ver),
         edge_compute=edge.choice("compute", "trace", EDGE_COMPUTE), edge_speed=edge.number("speed", 1.0, strict=True),
         sweep=_sweep(top.sub("sweep"), traces))
     for part in (net, ver, edge, top):

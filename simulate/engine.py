@@ -9,7 +9,8 @@
 - Uplink and downlink: processor sharing or TDMA (``simulate/links.py``), each message = its trace size
   plus framing (``simulate/framing.py``), delivered RTT/2 (+ jitter, + loss resends) after its last bit.
 - Verifier: K workers, FIFO queue, up to ``max_batch`` queued requests served together at the fitted
-  cost a + b·(tokens summed) divided by ``speed``.
+  cost a + b·(tokens summed) divided by ``speed``. Each Verify round trip also pays the gRPC stacks'
+  software latency (``compute.rpc_overhead``), a pure delay that occupies neither link nor worker.
 
 Per-token latency = time between a token's commit and the previous one's on the same device (the first
 token of a generation counts from the start of its handshake).
@@ -26,7 +27,7 @@ import numpy as np
 import simpy
 
 from simulate.channel import FixedRate, LinkModel, Propagation, TraceRate, Wireless, read_capacity_csv
-from simulate.compute import ServiceModel, edge_step_times, fit_service
+from simulate.compute import ServiceModel, edge_step_times, fit_service, rpc_overhead
 from simulate.config import LinkConfig, SimConfig
 from simulate.links import PSLink, TDMALinks
 from simulate.script import Script, build_script
@@ -88,14 +89,14 @@ class _Direction:
     message_bytes: int = 0  # link bytes of the messages themselves (resends excluded)
     delivered_bytes: int = 0
 
-    def send(self, env: simpy.Environment, device: int, nbytes: int) -> simpy.Event:
+    def send(self, env: simpy.Environment, device: int, nbytes: int, extra_s: float = 0.0) -> simpy.Event:
         packets = -(-nbytes // self.framing_packet)
         resent, extra_delay = self.path.losses(packets, self.rng)
         total = nbytes + resent * min(self.framing_packet, nbytes)
         self.messages += 1
         self.message_bytes += nbytes
         work = self.model.work(device, total * 8.0, env.now, self.rng)
-        done = self.link.send(work, total, self.path.delay(self.rng) + extra_delay, device)
+        done = self.link.send(work, total, self.path.delay(self.rng) + extra_delay + extra_s, device)
         done.callbacks.append(lambda _ev: self._delivered(total))
         return done
 
@@ -125,6 +126,7 @@ class Simulation:
         self.rng = np.random.default_rng(config.seed)
         self.env = simpy.Environment()
         self.service = service or fit_service(trace)
+        self.rpc_s = rpc_overhead(trace) if config.rpc_overhead_s is None else config.rpc_overhead_s
         compute = [c / config.edge_speed for c in edge_step_times(trace, config.edge_compute)] \
             if trace.mode != "stream" else [g.step_s for g in trace.generations]
         self.compute = compute
@@ -195,7 +197,7 @@ class Simulation:
                 t_commit = env.now - step.own_s
             yield self.up.send(env, d, step.up_wire)
             yield self.verifier.submit(step.tokens)
-            yield self.down.send(env, d, step.down_wire)
+            yield self.down.send(env, d, step.down_wire, self.rpc_s)  # + the gRPC stacks' own latency
             lat.append(env.now - t_commit)
             self.up_grpc += step.up_grpc
             self.tokens_sent += 1

@@ -47,5 +47,5 @@ def summarize(sim, wall_s: float, events: int) -> dict:
         "accuracy": sim.trace.accuracy,  # over the trace's generations: a replay cuts and repeats them
         "makespan_s": span, "events": events, "sim_wall_s": wall_s,
         "events_per_s": events / wall_s if wall_s > 0 else None,
-        "service_model": sim.service.as_dict(),
+        "service_model": sim.service.as_dict(), "rpc_overhead_s": sim.rpc_s,
     }

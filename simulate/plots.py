@@ -23,6 +23,12 @@ def _plt():
     return plt
 
 
+def _colors(rows: list[dict]) -> dict:
+    """One colour per policy, the same in every plot of a sweep."""
+    cycle = [f"C{i}" for i in range(10)]
+    return {p: cycle[i % 10] for i, p in enumerate(sorted({r["policy"] for r in rows}))}
+
+
 def _groups(rows: list[dict]) -> list[tuple[float, int]]:
     return sorted({(r["rtt_s"], r["devices"]) for r in rows})
 
@@ -39,11 +45,11 @@ def plot_throughput(rows: list[dict], out: Path) -> Path:
     cols = min(3, len(groups))
     nrows = -(-len(groups) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
-    policies = sorted({r["policy"] for r in rows})
+    colors = _colors(rows)
     for ax, (rtt, devices) in zip(axes.flat, groups):
-        for policy in policies:
+        for policy, color in colors.items():
             x, y = _curve(rows, policy, rtt, devices)
-            ax.plot(x, y, marker="o", ms=3, label=policy, ls="--" if policy == CLOUD_ONLY else "-")
+            ax.plot(x, y, marker="o", ms=3, label=policy, color=color, ls="--" if policy == CLOUD_ONLY else "-")
         ax.set(xscale="log", yscale="log", xlabel="uplink rate (bit/s)", ylabel="aggregate tokens/s",
                title=f"RTT {rtt * 1000:g} ms, {devices} device(s)")
         ax.grid(True, which="both", alpha=0.3)
@@ -53,12 +59,12 @@ def plot_throughput(rows: list[dict], out: Path) -> Path:
     return _save(fig, out / "throughput_vs_uplink.png")
 
 
-def plot_latency_cdf(cdfs: dict, ref: dict, out: Path) -> Path:
+def plot_latency_cdf(cdfs: dict, ref: dict, colors: dict, out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for policy, lat in sorted(cdfs.items()):
         if len(lat):
-            ax.plot(lat * 1000, np.arange(1, len(lat) + 1) / len(lat), label=policy)
+            ax.plot(lat * 1000, np.arange(1, len(lat) + 1) / len(lat), label=policy, color=colors.get(policy))
     ax.set(xscale="log", xlabel="per-token latency (ms)", ylabel="CDF",
            title=f"{ref['uplink_bps'] / 1e6:g} Mbit/s uplink, RTT {ref['rtt_s'] * 1000:g} ms, "
                  f"{ref['devices']} device(s)")
@@ -92,13 +98,14 @@ def plot_crossover(rows: list[dict], crossover: list[dict], out: Path) -> Path |
     cols = min(3, len(groups))
     nrows = -(-len(groups) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    colors = _colors(rows)
     for ax, (rtt, devices) in zip(axes.flat, groups):
         cx, cy = _curve(rows, CLOUD_ONLY, rtt, devices)
         cloud = dict(zip(cx, cy))
         for policy in sorted({r["policy"] for r in rows} - {CLOUD_ONLY}):
             x, y = _curve(rows, policy, rtt, devices)
             ratio = [v / cloud[b] if cloud.get(b) else np.nan for b, v in zip(x, y)]
-            (line,) = ax.plot(x, ratio, marker="o", ms=3, label=policy)
+            (line,) = ax.plot(x, ratio, marker="o", ms=3, label=policy, color=colors[policy])
             for c in crossover:
                 if (c["policy"], c["rtt_s"], c["devices"]) == (policy, rtt, devices) and c["beats_cloud_from_bps"]:
                     ax.axvline(c["beats_cloud_from_bps"], color=line.get_color(), ls=":", lw=1)
@@ -113,6 +120,6 @@ def plot_crossover(rows: list[dict], crossover: list[dict], out: Path) -> Path |
 
 
 def write_plots(rows: list[dict], cdfs: dict, ref: dict, crossover: list[dict], out: Path) -> list[str]:
-    paths = [plot_throughput(rows, out), plot_latency_cdf(cdfs, ref, out), plot_bytes(rows, out),
+    paths = [plot_throughput(rows, out), plot_latency_cdf(cdfs, ref, _colors(rows), out), plot_bytes(rows, out),
              plot_crossover(rows, crossover, out)]
     return [str(p) for p in paths if p is not None]

@@ -99,7 +99,7 @@ def record_hybrid(runner, config, verify: bool, problems, path: Path, desc: str)
 
 
 def record_all(out: Path, problems: int, calibration_problems: int, seed: int, temperature: float,
-               extra_thresholds: list[float], policies: tuple[str, ...] = POLICIES) -> dict:
+               extra_thresholds: list[float], policies: tuple[str, ...] = POLICIES, model_dir: Path | None = None) -> dict:
     """Record every policy's trace into ``out``; returns the manifest (also written as manifest.json)."""
     from cloud.launch import VerifierProcess
     from demo.__main__ import BUILD, calibrate, ensure_export
@@ -112,7 +112,7 @@ def record_all(out: Path, problems: int, calibration_problems: int, seed: int, t
     from models.task import held_out_problems
 
     out.mkdir(parents=True, exist_ok=True)
-    model = EdgeModel(ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx"), providers="cpu")
+    model = EdgeModel(model_dir or ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx"), providers="cpu")
     settings = SamplingSettings(temperature=temperature)
     tasks = held_out_problems(problems)
     manifest = {"problems": problems, "seed": seed, "temperature": temperature, "policies": {},

@@ -51,6 +51,15 @@ class Generation:
     def tokens(self) -> int:
         return len(self.step_s)
 
+    @property
+    def untimed_s(self) -> float:
+        """Edge time the per-token fields miss: the generation's wall time minus its tokens' compute and
+        Verify waits. It is the loop's own work between those timers (encoding p~ into the Verify payload,
+        building the message, writing the trace line), measured by the trace itself."""
+        if self.mode == "stream":
+            return 0.0
+        return max(0.0, self.seconds - float(self.step_s.sum() + self.wait_s.sum()))
+
     def prefilled(self) -> np.ndarray:
         """[T] tokens the verifier's forward pass covers per Verify: the prompt and the pending ids on the
         first Verify (Open does no forward pass), afterwards the previous verdict's token plus pending."""

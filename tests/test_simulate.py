@@ -21,7 +21,7 @@ PROPERTY = settings(deadline=None, max_examples=25, suppress_health_check=[Healt
 
 
 def write_trace(path, generations=3, tokens=12, every=4, prompt=9, step=0.002, up=300, down=25, server=0.003,
-                mode="hybrid"):
+                mode="hybrid", untimed=0.0):
     """A synthetic trace in the edge's format: a Verify every ``every`` tokens."""
     lines = []
     for _ in range(generations):
@@ -47,8 +47,9 @@ def write_trace(path, generations=3, tokens=12, every=4, prompt=9, step=0.002, u
                           "server_s": server if sent else 0.0})
             total, pending = (total + up, 0) if sent else (total, pending + 1)
         total += 7 if verifier else 0
-        lines.append({"kind": "close", "tokens": tokens, "uplink_bytes": total, "downlink_bytes": 0, "seconds": 0.1,
-                      "text": ""})
+        seconds = sum(row.get("slm_step_s", 0) + row.get("wait_s", 0) for row in lines[-tokens:]) + untimed
+        lines.append({"kind": "close", "tokens": tokens, "uplink_bytes": total, "downlink_bytes": 0,
+                      "seconds": seconds, "text": ""})
         lines.append({"kind": "task", "correct": True})
     path.write_text("\n".join(json.dumps(row) for row in lines) + "\n")
     return path
@@ -61,6 +62,7 @@ def trace_file(tmp_path):
 
 def config(trace_path, **over):
     raw = {"traces": {"default": str(trace_path)}, "devices": 1, "tokens_per_device": 12,
+           "verifier": {"rpc_overhead_s": 0.0},
            "network": {"rtt_s": 0.04, "uplink": {"rate_bps": 1e6}, "downlink": {"rate_bps": 2e6}}}
     for key, value in over.items():
         raw[key] = value
@@ -104,6 +106,25 @@ def test_cloud_only_stream_closed_form(tmp_path):
     assert result.latencies[0] == pytest.approx(first, rel=1e-9)
     assert result.metrics["makespan_s"] == pytest.approx(first + 4 * 0.004 - (f.wire(25, True, up=False)
                                                                               - f.wire(25, up=False)) * 8 / 1e6)
+
+
+def test_rpc_overhead_from_the_trace_is_added_per_verify(trace_file):
+    """Default: the loopback trace's median (wait - server) is each Verify's extra software latency."""
+    trace = load_trace(trace_file)
+    service = ServiceModel(0.003, 0.0, 1, None)
+    plain = simulate(config(trace_file), trace, service)
+    c = parse_config({"traces": {"default": str(trace_file)}, "tokens_per_device": 12,
+                      "network": {"rtt_s": 0.04, "uplink": {"rate_bps": 1e6}, "downlink": {"rate_bps": 2e6}}})
+    with_rpc = simulate(c, trace, service)
+    assert with_rpc.metrics["rpc_overhead_s"] == pytest.approx(0.01 - 0.003)
+    assert with_rpc.metrics["makespan_s"] == pytest.approx(plain.metrics["makespan_s"] + 3 * 0.007)
+
+
+def test_untimed_loop_work_is_spread_over_the_tokens(tmp_path):
+    """Wall time the per-token timers miss (payload encoding, trace writing) is replayed as edge compute."""
+    path = write_trace(tmp_path / "slm.jsonl", mode="local", untimed=0.012)
+    result = simulate(parse_config({"traces": {"default": str(path)}, "tokens_per_device": 12}), load_trace(path))
+    assert result.metrics["tokens_per_s"] == pytest.approx(1 / (0.002 + 0.001))
 
 
 def test_service_fit_is_least_squares():

@@ -1,0 +1,94 @@
+"""Simulator section of `make bench` (``sim.*`` in reports/bench.json), from the demo pair's real traces
+(``reports/sim/traces``, recorded first if missing: ~3 min).
+
+- ``speedup_vs_hlm``: the default policy's tokens/s over HLM's, one device, 10 Mbit/s uplink, 50 ms RTT,
+  each replaying its whole trace once (also ``speedup_vs_hlm_by_policy`` for every hybrid policy).
+- ``seconds_10k``: wall time to simulate 10,000 devices x 200 tokens of the default policy (median of 3);
+  ``events_per_s``: SimPy events scheduled per wall second in those runs (median).
+- ``validation_max_error``: the netns validation (``simulate/validate.py``, HLM at 5, 20 and 100 Mbit/s,
+  20 ms RTT): the largest relative error of predicted vs measured tokens/s and median per-token latency;
+  null with ``validation_skipped`` saying why where namespaces cannot be made (not root).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from simulate.config import LinkConfig, SimConfig
+from simulate.engine import simulate
+from simulate.trace import load_trace
+
+TRACES = Path("reports/sim/traces")
+HYBRID = ("u-hlm", "cu-hlm", "default")
+VALIDATION_RATES = (5e6, 20e6, 100e6)
+
+
+def ensure_traces(folder: Path = TRACES) -> Path:
+    if not (folder / "manifest.json").is_file():
+        from simulate.record import record_all
+
+        print(f"recording the simulator's traces into {folder} ...")
+        record_all(folder, problems=40, calibration_problems=60, seed=0, temperature=1.0, extra_thresholds=[0.06, 0.2])
+    return folder
+
+
+def single_device_tps(path: Path, rate_bps: float, rtt_s: float) -> float:
+    trace = load_trace(path)
+    config = SimConfig(traces={"p": str(path)}, policy="p", devices=1, tokens_per_device=trace.tokens, rtt_s=rtt_s,
+                       uplink=LinkConfig(rate_bps=rate_bps), downlink=LinkConfig(rate_bps=100e6))
+    return simulate(config, trace).metrics["tokens_per_s"]
+
+
+def scale_run(path: Path, devices: int = 10_000, tokens: int = 200) -> dict:
+    config = SimConfig(traces={"default": str(path)}, policy="default", devices=devices, tokens_per_device=tokens,
+                       start_spread_s=1.0, rtt_s=0.05, uplink=LinkConfig(rate_bps=100e6),
+                       downlink=LinkConfig(rate_bps=1e9), workers=8)
+    return simulate(config, load_trace(path)).metrics
+
+
+def validation() -> tuple[float | None, dict]:
+    from simulate.netns import unavailable_reason
+    from simulate.validate import run_validation
+
+    reason = unavailable_reason()
+    if reason:
+        return None, {"validation_skipped": reason}
+    report = run_validation(list(VALIDATION_RATES), 0.02, "hlm", problems=3)
+    points = [{"uplink_bps": p["uplink_bps"], "rtt_s": p["rtt_s"], "errors": p["errors"],
+               "measured_tokens_per_s": p["measured"]["tokens_per_s"],
+               "predicted_tokens_per_s": p["predicted"]["tokens_per_s"]} for p in report["points"]]
+    return report["max_error"], {"validation_points": points}
+
+
+def run(skip_validation: bool = False) -> dict:
+    folder = ensure_traces()
+    hlm = single_device_tps(folder / "hlm.jsonl", 10e6, 0.05)
+    by_policy = {p: single_device_tps(folder / f"{p}.jsonl", 10e6, 0.05) / hlm for p in HYBRID}
+    runs = [scale_run(folder / "default.jsonl") for _ in range(3)]
+    section = {
+        "speedup_vs_hlm": by_policy["default"], "speedup_vs_hlm_by_policy": by_policy,
+        "speedup_point": {"uplink_bps": 10e6, "rtt_s": 0.05, "devices": 1},
+        "seconds_10k": statistics.median(r["sim_wall_s"] for r in runs),
+        "events_per_s": statistics.median(r["events_per_s"] for r in runs),
+        "scale_point": {"devices": 10_000, "tokens_per_device": 200, "policy": "default", "uplink_bps": 100e6,
+                        "rtt_s": 0.05, "workers": 8, "events": runs[0]["events"]},
+        "traces": str(folder),
+    }
+    if skip_validation:
+        section.update(validation_max_error=None, validation_skipped="--skip-validation")
+    else:
+        section["validation_max_error"], extra = validation()
+        section.update(extra)
+    return section
+
+
+def format_table(section: dict) -> str:
+    lines = ["\nsim: trace-driven simulator (demo pair traces)"]
+    lines.append(f"  speedup vs HLM at 10 Mbit/s, 50 ms, 1 device: default {section['speedup_vs_hlm']:.1f}x ("
+                 + ", ".join(f"{k} {v:.2f}x" for k, v in section["speedup_vs_hlm_by_policy"].items()) + ")")
+    lines.append(f"  10,000 devices x 200 tokens: {section['seconds_10k']:.1f} s, {section['events_per_s']:,.0f} events/s")
+    err = section.get("validation_max_error")
+    lines.append("  validation: " + (f"max error {err:.1%}" if err is not None
+                                     else f"skipped ({section.get('validation_skipped')})"))
+    return "\n".join(lines)
