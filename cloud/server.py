@@ -264,8 +264,9 @@ class VerifierServicer:
             seed = request.seed if request.HasField("seed") else None
             self.metrics.generates.inc()
             for token in self.engine.generate(prompt, settings, seed, request.max_new_tokens, set(request.stop_ids)):
-                if not context.is_active() or self.draining.is_set():
+                if not context.is_active():
                     return
+                self._check_serving()  # draining: UNAVAILABLE, never a silently truncated OK
                 yield pb.GenerateChunk(token_ids=[token])
         except SessionAbort as exc:
             self._count_abort(exc)
