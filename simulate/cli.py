@@ -5,11 +5,12 @@ Every argument and config field is validated; a user error is one line on stderr
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
-from edge.cli_errors import OneLineParser, UserError, positive_int, run_cli
+from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, run_cli
 from simulate.config import ConfigError
 from simulate.trace import TraceError
 
@@ -18,10 +19,16 @@ def _float_list(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError from None
+        values = []
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError
+        raise argparse.ArgumentTypeError(f"must be comma-separated finite numbers >= 0, got {text!r}")
     return values
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def _run(args) -> int:
@@ -77,8 +84,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--out", type=Path, default=Path("reports/sim/traces"))
     p.add_argument("--problems", type=positive_int, default=40, help="held-out problems per policy")
     p.add_argument("--calibration-problems", type=positive_int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--extra-thresholds", type=_float_list, default=[0.06, 0.2],
                    help="comma-separated extra thresholds for the default policy (default@U traces)")
     p.set_defaults(func=_record)
@@ -89,7 +96,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--policy", choices=("hlm", "u-hlm", "cu-hlm", "default"), default="hlm")
     p.add_argument("--rates-mbit", type=_float_list, default=[5.0, 20.0, 100.0],
                    help="comma-separated uplink rates in Mbit/s (at least one should be the bottleneck)")
-    p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip propagation delay added by the relay")
+    p.add_argument("--rtt-ms", type=non_negative_float, default=20.0, help="round-trip propagation delay added by the relay")
     p.set_defaults(func=_validate)
     return parser
 

@@ -269,3 +269,20 @@ def test_cli_run_and_sweep_write_outputs(tmp_path, trace_file):
     assert summary["points"] == 24 and summary["crossover"]
     for name in ("sweep.csv", "throughput_vs_uplink.png", "latency_cdf.png", "bytes_per_token.png", "crossover.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["record", "--temperature", "-1"], "--temperature"),
+    (["record", "--seed", "x"], "--seed"),
+    (["validate", "--rates-mbit", "0,a"], "--rates-mbit"),
+    (["validate", "--rtt-ms", "-5"], "--rtt-ms"),
+    (["sweep", "--config", "configs/sim_default.json"], "--out"),
+])
+def test_cli_arguments_are_validated(capsys, argv, message):
+    from simulate.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
