@@ -12,7 +12,8 @@ Layout (every field but ``traces`` has a default; paths are relative to the work
                  "downlink": {"model": "fixed", "rate_bps": 1e8, "sharing": "ps"},
                  "framing":  {"mss": 1448, "tcpip_bytes": 52, "l2_bytes": 14, "headers_up": 120,
                               "headers_down": 100}},
-     "verifier": {"workers": 1, "max_batch": 1, "speed": 1.0, "rpc_overhead_s": "trace"},
+     "verifier": {"workers": 1, "max_batch": 1, "speed": 1.0, "rpc_overhead_s": "trace",
+                  "service_trace": null},     # e.g. "hlm": service times of a busy verifier for every policy
      "edge": {"compute": "trace", "speed": 1.0},
      "sweep": {"uplink_bps": [...], "rtt_s": [...], "devices": [...], "policies": [...]}}
 
@@ -75,6 +76,7 @@ class SimConfig:
     max_batch: int = 1
     verifier_speed: float = 1.0
     rpc_overhead_s: float | None = None  # None = from the trace (``compute.rpc_overhead``)
+    service_trace: str | None = None  # fit the verifier's service time from this trace instead of the policy's
     edge_compute: str = "trace"
     edge_speed: float = 1.0
     sweep: dict = field(default_factory=dict)
@@ -182,6 +184,13 @@ def _rpc_overhead(f: _Fields) -> float | None:
     return f.number("rpc_overhead_s", 0.0)
 
 
+def _service_trace(f: _Fields, traces: dict) -> str | None:
+    name = f.get("service_trace", None)
+    if name is not None and name not in traces:
+        raise ConfigError(f"field 'verifier.service_trace' must be one of the traces {sorted(traces)}, got {name!r}")
+    return name
+
+
 def _traces(f: _Fields) -> dict[str, str]:
     traces, folder = f.get("traces", None), f.get("traces_dir", None)
     if folder is not None:
@@ -236,7 +245,7 @@ def parse_config(raw) -> SimConfig:
         uplink=_link(net.sub("uplink"), 10e6), downlink=_link(net.sub("downlink"), 100e6),
         framing=_framing(net.sub("framing")), workers=ver.integer("workers", 1),
         max_batch=ver.integer("max_batch", 1), verifier_speed=ver.number("speed", 1.0, strict=True),
-        rpc_overhead_s=_rpc_overhead(ver),
+        rpc_overhead_s=_rpc_overhead(ver), service_trace=_service_trace(ver, traces),
         edge_compute=edge.choice("compute", "trace", EDGE_COMPUTE), edge_speed=edge.number("speed", 1.0, strict=True),
         sweep=_sweep(top.sub("sweep"), traces))
     for part in (net, ver, edge, top):

@@ -31,7 +31,7 @@ from simulate.compute import ServiceModel, edge_step_times, fit_service, rpc_ove
 from simulate.config import LinkConfig, SimConfig
 from simulate.links import PSLink, TDMALinks
 from simulate.script import Script, build_script
-from simulate.trace import Trace
+from simulate.trace import Trace, load_trace
 
 
 class Verifier:
@@ -125,6 +125,8 @@ class Simulation:
         self.config, self.trace = config, trace
         self.rng = np.random.default_rng(config.seed)
         self.env = simpy.Environment()
+        if service is None and config.service_trace:
+            service = fit_service(load_trace(config.traces[config.service_trace], config.service_trace))
         self.service = service or fit_service(trace)
         self.rpc_s = rpc_overhead(trace) if config.rpc_overhead_s is None else config.rpc_overhead_s
         compute = [c / config.edge_speed for c in edge_step_times(trace, config.edge_compute)] \

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from simulate.config import SimConfig
+from simulate.compute import ServiceModel, fit_service
 from simulate.engine import simulate
 from simulate.trace import Trace, load_trace
 
@@ -37,8 +38,19 @@ def trace_for(config: SimConfig, policy: str | None = None) -> Trace:
     return _trace(config.traces[name], name)
 
 
+@lru_cache(maxsize=32)
+def _service(path: str, name: str) -> ServiceModel:
+    return fit_service(_trace(path, name))
+
+
+def service_for(config: SimConfig) -> ServiceModel | None:
+    """The verifier model fitted from ``verifier.service_trace`` when set (None: the policy's own trace)."""
+    name = config.service_trace
+    return _service(config.traces[name], name) if name else None
+
+
 def run_one(config: SimConfig) -> dict:
-    return simulate(config, trace_for(config)).metrics
+    return simulate(config, trace_for(config), service_for(config)).metrics
 
 
 def sweep_points(config: SimConfig) -> list[dict]:
@@ -85,7 +97,7 @@ def run_sweep(config: SimConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for point in tqdm(points, desc="sweep", unit="point"):
         point_config = config.with_point(**point)
-        result = simulate(point_config, trace_for(point_config))
+        result = simulate(point_config, trace_for(point_config), service_for(point_config))
         rows.append({**result.metrics, **point})
         if all(point[k] == ref[k] for k in ref):
             cdfs[point["policy"]] = np.sort(result.latencies)

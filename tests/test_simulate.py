@@ -120,6 +120,17 @@ def test_rpc_overhead_from_the_trace_is_added_per_verify(trace_file):
     assert with_rpc.metrics["makespan_s"] == pytest.approx(plain.metrics["makespan_s"] + 3 * 0.007)
 
 
+def test_service_model_can_come_from_another_trace(tmp_path, trace_file):
+    """verifier.service_trace: every policy served at the times another trace measured."""
+    slow = write_trace(tmp_path / "slow.jsonl", server=0.05)
+    raw = {"traces": {"default": str(trace_file), "slow": str(slow)}, "tokens_per_device": 12}
+    own = simulate(parse_config(raw), load_trace(trace_file)).metrics
+    other = simulate(parse_config({**raw, "verifier": {"service_trace": "slow"}}), load_trace(trace_file)).metrics
+    assert own["service_model"]["intercept_s"] == pytest.approx(0.003)
+    assert other["service_model"]["intercept_s"] == pytest.approx(0.05)
+    assert other["makespan_s"] > own["makespan_s"]
+
+
 def test_untimed_loop_work_is_spread_over_the_tokens(tmp_path):
     """Wall time the per-token timers miss (payload encoding, trace writing) is replayed as edge compute."""
     path = write_trace(tmp_path / "slm.jsonl", mode="local", untimed=0.012)
@@ -134,16 +145,32 @@ def test_service_fit_is_least_squares():
     assert model.r2 == pytest.approx(1.0)
 
 
+def _tps(trace_file, rate, devices, rtt, sharing, spread, workers=1):
+    c = config(trace_file, devices=devices, start_spread_s=spread, tokens_per_device=30,
+               verifier={"workers": workers, "rpc_overhead_s": 0.0},
+               network={"rtt_s": rtt, "uplink": {"rate_bps": rate, "sharing": sharing}})
+    return simulate(c, load_trace(trace_file)).metrics["tokens_per_s"]
+
+
 @PROPERTY
 @given(devices=st.integers(1, 12), low=st.floats(5e4, 5e7), factor=st.floats(1.0, 100.0),
-       rtt=st.floats(0.0, 0.2), sharing=st.sampled_from(["ps", "tdma"]), spread=st.floats(0.0, 0.5))
-def test_throughput_never_decreases_with_bandwidth(trace_file, devices, low, factor, rtt, sharing, spread):
-    def tps(rate):
-        c = config(trace_file, devices=devices, start_spread_s=spread, tokens_per_device=30,
-                   network={"rtt_s": rtt, "uplink": {"rate_bps": rate, "sharing": sharing}})
-        return simulate(c, load_trace(trace_file)).metrics["tokens_per_s"]
+       rtt=st.floats(0.0, 0.2), spread=st.floats(0.0, 0.5))
+def test_throughput_never_decreases_with_bandwidth(trace_file, devices, low, factor, rtt, spread):
+    """Devices that share nothing (TDMA slots, a verifier worker each): exactly monotone."""
+    slow = _tps(trace_file, low, devices, rtt, "tdma", spread, workers=devices)
+    assert _tps(trace_file, low * factor, devices, rtt, "tdma", spread, workers=devices) >= slow * (1 - 1e-12)
 
-    assert tps(low * factor) >= tps(low) * (1 - 1e-9)
+
+@PROPERTY
+@given(devices=st.integers(2, 12), low=st.floats(5e4, 5e7), factor=st.floats(1.0, 100.0),
+       rtt=st.floats(0.0, 0.2), sharing=st.sampled_from(["ps", "tdma"]), spread=st.floats(0.0, 0.5))
+def test_throughput_with_shared_resources_does_not_drop_with_bandwidth(trace_file, devices, low, factor, rtt,
+                                                                       sharing, spread):
+    """With a shared FIFO verifier (and PS uplink) a faster link can reorder two devices' requests, so one
+    of them may wait a service time longer: a real ordering effect, not a gain lost to bandwidth. It stays
+    within 2% (the worst of 300 random cases was -0.16%)."""
+    slow = _tps(trace_file, low, devices, rtt, sharing, spread)
+    assert _tps(trace_file, low * factor, devices, rtt, sharing, spread) >= slow * 0.98
 
 
 @PROPERTY
@@ -214,6 +241,7 @@ def test_verifier_batching_and_workers_raise_throughput(trace_file):
     ({"network": {"loss": 0.9}}, "'network.loss'"),
     ({"verifier": {"workers": 1.5}}, "'verifier.workers'"),
     ({"edge": {"compute": "fast"}}, "'edge.compute'"),
+    ({"verifier": {"service_trace": "hlm"}}, "'verifier.service_trace'"),
     ({"sweep": {"uplink_bps": [1e6, 0]}}, "'sweep.uplink_bps'"),
     ({"sweep": {"policies": ["hlm"]}}, "'sweep.policies'"),
     ({"colour": "red"}, "'colour'"),
@@ -286,3 +314,43 @@ def test_cli_arguments_are_validated(capsys, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
+
+
+def _deliveries(capacity, arrivals):
+    """Delivery time of each (arrival time, work) message on one PS link."""
+    import simpy
+
+    from simulate.links import PSLink
+
+    env = simpy.Environment()
+    link = PSLink(env, capacity)
+    done = {}
+
+    def sender(i, t, work):
+        yield env.timeout(t)
+        yield link.send(work, int(work), 0.0)
+        done[i] = env.now
+
+    for i, (t, work) in enumerate(arrivals):
+        env.process(sender(i, t, work))
+    env.run()
+    return [done[i] for i in range(len(arrivals))]
+
+
+def test_processor_sharing_matches_hand_computation():
+    from simulate.channel import ConstantCapacity
+
+    # two messages of 100 and 300 units at t=0 on 100 units/s: both at 50/s until the first leaves at 2 s,
+    # then the second alone: 200 left at 100/s -> 4 s. A third arriving at 1 s slows both down.
+    assert _deliveries(ConstantCapacity(100.0), [(0, 100), (0, 300)]) == pytest.approx([2.0, 4.0])
+    # 0-1 s: two share (50 each); 1 s on: three share. A: 50 left -> at 100/3 per s ends at 2.5 s;
+    # then B (300-50-50=200) and C (100-50=50) at 50/s: C ends at 3.5 s, B then has 150 alone -> 5 s
+    assert _deliveries(ConstantCapacity(100.0), [(0, 100), (0, 300), (1, 100)]) == pytest.approx([2.5, 5.0, 3.5])
+
+
+def test_processor_sharing_follows_a_capacity_trace():
+    from simulate.channel import TraceCapacity
+
+    # 100 units/s for 1 s, then 0 for 1 s, then 50/s; cyclic period 3 s. 150 units: 100 by 1 s, 50 more by 3 s
+    cap = TraceCapacity(np.array([0.0, 1.0, 2.0]), np.array([100.0, 0.0, 50.0]), 3.0)
+    assert _deliveries(cap, [(0, 150)]) == pytest.approx([3.0])
