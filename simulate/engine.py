@@ -203,10 +203,10 @@ class Simulation:
             lat.append(env.now - t_commit)
             self.up_grpc += step.up_grpc
             self.tokens_sent += 1
-        if s.close_up[0]:
-            self.up.send(env, d, s.close_up[0])  # Close: nobody waits for it
         if s.tail_s:
             yield env.timeout(s.tail_s)
+        if s.close_up[0]:
+            self.up.send(env, d, s.close_up[0])  # Close, after the last token; nobody waits for it
 
     def _stream(self, d: int, s: Script):
         env = self.env
@@ -214,12 +214,12 @@ class Simulation:
         self.up_grpc += s.open_up[1]
         yield self.up.send(env, d, s.open_up[0])
         arrivals: list[float] = []
-        last = None
+        chunks = []
         for tokens, down in zip(s.chunk_tokens, s.chunk_down):
-            yield self.verifier.submit(tokens)
-            last = self.down.send(env, d, down)
-            last.callbacks.append(lambda _ev: arrivals.append(env.now))
-        yield last
+            yield self.verifier.submit(tokens)  # the verifier decodes on without waiting for the edge
+            chunks.append(self.down.send(env, d, down))
+            chunks[-1].callbacks.append(lambda _ev: arrivals.append(env.now))
+        yield env.all_of(chunks)  # with jitter, the last chunk sent need not arrive last
         self.tokens_sent += s.tokens  # cloud-only: every token comes from the verifier
         times = np.sort(np.array(arrivals))
         self.static_latency.append(np.diff(times, prepend=t_commit))
