@@ -4,28 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.cli_errors import OneLineParser, UserError, run_cli
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError
-    return value
+from edge.cli_errors import (OneLineParser, UserError, non_negative_float, port, positive_int, positive_seconds,
+                             run_cli)
 
 
 def _check_model(model: str) -> None:
@@ -73,8 +53,8 @@ def _serve(args) -> int:
     try:
         built = build_server(engine, f"{args.host}:{args.port}", limits, metrics, credentials, tokens)
         if args.metrics_port is not None:
-            port = serve_metrics(metrics, args.metrics_host or args.host, args.metrics_port)
-            print(f"metrics on http://{args.metrics_host or args.host}:{port}/metrics", flush=True)
+            bound = serve_metrics(metrics, args.metrics_host or args.host, args.metrics_port)
+            print(f"metrics on http://{args.metrics_host or args.host}:{bound}/metrics", flush=True)
         serve(built, args.host)
     except OSError as exc:
         raise UserError(str(exc)) from None
@@ -102,20 +82,20 @@ def build_parser() -> OneLineParser:
     p = sub.add_parser("serve", help="serve the verifier over gRPC")
     p.add_argument("--model", required=True, help="transformers folder or hub id of the large model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=_port, default=50051, help="0 = pick a free port (printed on start)")
+    p.add_argument("--port", type=port, default=50051, help="0 = pick a free port (printed on start)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--verbose", action="store_true", help="log every session event (JSON lines on stderr)")
     limits = p.add_argument_group("limits")
-    limits.add_argument("--max-sessions", type=_positive_int, default=64,
+    limits.add_argument("--max-sessions", type=positive_int, default=64,
                         help="concurrent sessions; more are refused with RESOURCE_EXHAUSTED (default 64)")
-    limits.add_argument("--max-context", type=_positive_int, default=0,
+    limits.add_argument("--max-context", type=positive_int, default=0,
                         help="tokens per session (default: the model's max_position_embeddings)")
-    limits.add_argument("--max-message-bytes", type=_positive_int, default=1 << 20,
+    limits.add_argument("--max-message-bytes", type=positive_int, default=1 << 20,
                         help="largest message accepted (default 1 MiB; full32 at 152k entries needs 608 KB)")
-    limits.add_argument("--idle-timeout", type=_seconds, default=60.0,
+    limits.add_argument("--idle-timeout", type=positive_seconds, default=60.0,
                         help="evict a session silent for this many seconds (default 60)")
-    limits.add_argument("--shutdown-grace", type=float, default=10.0,
+    limits.add_argument("--shutdown-grace", type=non_negative_float, default=10.0,
                         help="seconds in-flight calls get after SIGTERM (default 10)")
     sec = p.add_argument_group("security")
     sec.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
@@ -124,7 +104,7 @@ def build_parser() -> OneLineParser:
     sec.add_argument("--tokens", help="tokens file: require a bearer token per device (python -m cloud add-token)")
     sec.add_argument("--insecure", action="store_true",
                      help="allow plaintext on a non-loopback --host (plaintext on loopback needs no flag)")
-    sec.add_argument("--metrics-port", type=_port, default=None,
+    sec.add_argument("--metrics-port", type=port, default=None,
                      help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; default off)")
     sec.add_argument("--metrics-host", help="address for the metrics endpoint (default --host)")
     p.set_defaults(func=_serve)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, run_cli
+from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, positive_seconds, run_cli
 from edge.calibration import load_calibration, save_calibration, threshold_for
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS
+from proto.addresses import split_host_port
 from proto.codec import CODEC_NAMES
 
 DEFAULT_THRESHOLD = 0.05  # replaced by a calibrated value with --calibration (issue 4)
@@ -183,21 +184,13 @@ def _threshold(text: str) -> float:
 
 
 def _address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if split_host_port(text)[1] == 0:  # ValueError on anything that is not HOST:PORT
         raise ValueError
     return text
 
 
 def _addresses(text: str) -> list[str]:
     return [_address(a.strip()) for a in text.split(",")]
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError
-    return value
 
 
 def _unit_interval(text: str) -> float:
@@ -240,7 +233,7 @@ def build_parser() -> OneLineParser:
     h.add_argument("--on-cloud-loss", default="fail", choices=["fail", "wait", "local"],
                    help="when no verifier answers for --cloud-loss-after s: stop with an error (printing the "
                         "text so far), keep retrying, or go on SLM-only and mark unverified tokens")
-    h.add_argument("--cloud-loss-after", type=_positive_seconds, default=10.0,
+    h.add_argument("--cloud-loss-after", type=positive_seconds, default=10.0,
                    help="seconds without any reachable verifier before --on-cloud-loss applies (default 10)")
     s = p.add_argument_group("security (see README)")
     s.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")

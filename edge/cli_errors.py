@@ -49,4 +49,18 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535 (0 = any free port), got {text}")
+    return value
+
+
 CommandFn = Callable[[argparse.Namespace], int]

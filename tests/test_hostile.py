@@ -202,18 +202,11 @@ def _alongside_good_session(model, channel, reference, hostile):
     return outcome
 
 
-@pytest.mark.parametrize("name", SESSION_CASES)
-def test_hostile_session_input(name, model, channel, reference):
-    build, expected, words = SESSION_CASES[name]
-    code, details, _ = _alongside_good_session(model, channel, reference, lambda: raw_session(channel, build(model)))
-    assert code == expected, details
-    assert words.lower() in details.lower()
-
-
-@pytest.mark.parametrize("name", GENERATE_CASES)
-def test_hostile_generate_input(name, model, channel, reference):
-    build, expected, words = GENERATE_CASES[name]
-    code, details, _ = _alongside_good_session(model, channel, reference, lambda: raw_generate(channel, build(model)))
+@pytest.mark.parametrize("name", [*SESSION_CASES, *GENERATE_CASES])
+def test_hostile_input(name, model, channel, reference):
+    raw_call, cases = (raw_session, SESSION_CASES) if name in SESSION_CASES else (raw_generate, GENERATE_CASES)
+    build, expected, words = cases[name]
+    code, details, _ = _alongside_good_session(model, channel, reference, lambda: raw_call(channel, build(model)))
     assert code == expected, details
     assert words.lower() in details.lower()
 
