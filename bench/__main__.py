@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     print(uncertainty_cost.format_table(section["uncertainty_cost"]))
     print(f"\nwrote {args.out} (section 'edge')")
     if not args.skip_quality:
-        from demo.__main__ import BUILD, ensure_export
-        from models.demo_pair import COMMITTED_PAIR
+        from eval.pair import ensure_export
 
-        ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx")  # the config's edge model
+        ensure_export()  # the config's edge model
         section = quality.run()
         edge_decode.merge_report(args.out, "quality", section)
         print(quality.format_table(section))

@@ -173,7 +173,7 @@ def prepare_default_models(
 def onnx_decode_run(edge_model, prompt_ids: list[int], n_tokens: int) -> dict:
     """Greedy edge loop for exactly ``n_tokens`` tokens; seconds per decode step, split forward vs the rest."""
     from edge.generate import generate_local
-    from edge.sampling import SamplingSettings
+    from core.sampling import SamplingSettings
 
     result = generate_local(
         edge_model, prompt_ids, n_tokens, SamplingSettings(temperature=0.0), seed=0, stop_at_eos=False

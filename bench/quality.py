@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from edge.sweep import load_config, lowest_tr_at
+from eval.sweep import load_config, lowest_tr_at
 
 CONFIG = Path("configs/bench_frontier.json")
 OUT = Path("reports/bench_frontier")
@@ -18,12 +18,12 @@ CURVES = {"": ("max-prob", "adaptive"), "uhlm_": ("uhlm", "full32"), "cuhlm_": (
 
 def run(config_path: Path = CONFIG, out: Path = OUT) -> dict:
     """A fresh sweep (no stale points from older code), then the figures per temperature."""
-    from cloud.launch import VerifierProcess
+    from core.process import VerifierProcess
     from edge.client import connect
     from edge.model import EdgeModel
-    from edge.sampling import SamplingSettings
-    from edge.sweep import run_sweep
-    from edge.taskeval import Runner
+    from core.sampling import SamplingSettings
+    from eval.sweep import run_sweep
+    from eval.taskeval import Runner
 
     config = load_config(config_path)
     shutil.rmtree(out, ignore_errors=True)

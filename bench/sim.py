@@ -5,7 +5,7 @@
   each replaying its whole trace once (also ``speedup_vs_hlm_by_policy`` for every hybrid policy).
 - ``seconds_10k``: wall time to simulate 10,000 devices x 200 tokens of the default policy (median of 3);
   ``events_per_s``: SimPy events scheduled per wall second in those runs (median).
-- ``validation_max_error``: the netns validation (``simulate/validate.py``, HLM at 5, 20 and 100 Mbit/s,
+- ``validation_max_error``: the netns validation (``simulate/testbed/validate.py``, HLM at 5, 20 and 100 Mbit/s,
   20 ms RTT): the largest relative error of predicted vs measured tokens/s and median per-token latency;
   null with ``validation_skipped`` saying why where namespaces cannot be made (not root).
 """
@@ -26,7 +26,7 @@ VALIDATION_RATES = (5e6, 20e6, 100e6)
 
 def ensure_traces(folder: Path = TRACES) -> Path:
     if not (folder / "manifest.json").is_file():
-        from simulate.record import record_all
+        from simulate.testbed.record import record_all
 
         print(f"recording the simulator's traces into {folder} ...")
         record_all(folder, problems=40, calibration_problems=60, seed=0, temperature=1.0, extra_thresholds=[0.06, 0.2])
@@ -48,8 +48,8 @@ def scale_run(path: Path, devices: int = 10_000, tokens: int = 200) -> dict:
 
 
 def validation() -> tuple[float | None, dict]:
-    from simulate.netns import unavailable_reason
-    from simulate.validate import run_validation
+    from simulate.testbed.netns import unavailable_reason
+    from simulate.testbed.validate import run_validation
 
     reason = unavailable_reason()
     if reason:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.cli_errors import (OneLineParser, UserError, non_negative_float, port, positive_int, positive_seconds,
-                             run_cli)
+from core.cli import OneLineParser, UserError, non_negative_float, port, positive_int, positive_seconds, run_cli
+from core.process import METRICS_READY
 
 
 def _check_model(model: str) -> None:
@@ -54,7 +54,7 @@ def _serve(args) -> int:
         built = build_server(engine, f"{args.host}:{args.port}", limits, metrics, credentials, tokens)
         if args.metrics_port is not None:
             bound = serve_metrics(metrics, args.metrics_host or args.host, args.metrics_port)
-            print(f"metrics on http://{args.metrics_host or args.host}:{bound}/metrics", flush=True)
+            print(f"{METRICS_READY}http://{args.metrics_host or args.host}:{bound}/metrics", flush=True)
         serve(built, args.host)
     except OSError as exc:
         raise UserError(str(exc)) from None

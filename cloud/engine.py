@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from cloud.rejection import verify_draft
-from edge.sampling import SamplingSettings, next_token, probabilities
-from proto.codec import Compressed, CodecSpec
+from core.sampling import SamplingSettings, next_token, probabilities
+from proto.distribution import Compressed, CodecSpec
 from proto.fingerprint import tokenizer_hash
 
 

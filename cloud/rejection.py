@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.sampling import sample
+from core.sampling import sample
 
 
 def _check_draft(draft: int, p_tilde: np.ndarray, q: np.ndarray) -> None:

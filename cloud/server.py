@@ -34,6 +34,7 @@ from cloud.engine import SessionState, VerifierModel
 from cloud.metrics import VerifierMetrics
 from cloud.validate import (INVALID, ORDER, SessionAbort, check_codec, check_fingerprint, check_prompt,
                             check_sampling, check_verify)
+from core.process import VERIFIER_READY
 from proto import hybrid_pb2 as pb
 
 log = logging.getLogger("cloud.server")
@@ -333,7 +334,7 @@ def serve(built: VerifierServer, host: str, ready_line: bool = True) -> None:
     """Serve until SIGTERM/SIGINT, then drain (see ``VerifierServer.drain_and_stop``)."""
     built.server.start()
     if ready_line:
-        print(f"verifier listening on {host}:{built.port}", flush=True)  # tests and scripts wait for this line
+        print(f"{VERIFIER_READY}{host}:{built.port}", flush=True)  # tests and scripts wait for this line
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import grpc
 
-from edge.sampling import SamplingSettings
+from core.sampling import SamplingSettings
 from proto import hybrid_pb2 as pb
-from proto.codec import CodecError, CodecSpec, Compressed, decode
+from proto.distribution import CodecSpec, Compressed
+from proto.payload import CodecError, decode
 from proto.fingerprint import describe_mismatch
 from proto.messages import codec_from_msg, sampling_from_msg
 

@@ -121,7 +121,7 @@ def load_calibration(path) -> dict:
         data = json.load(f)
     for key in ("fits", "beta", "u", "target", "tolerated"):
         if key not in data:
-            raise ValueError(f"{path} is not a calibration file (no {key!r}); create one with python -m edge calibrate")
+            raise ValueError(f"{path} is not a calibration file (no {key!r}); create one with python -m eval calibrate")
     return data
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 
-from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, positive_seconds, run_cli
-from edge.calibration import load_calibration, save_calibration, threshold_for
+from core.cli import (OneLineParser, UserError, addresses, non_negative_float, positive_int, positive_seconds,
+                      run_cli, threshold, unit_interval)
+from edge.calibration import load_calibration, threshold_for
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS
-from proto.addresses import split_host_port
-from proto.codec import CODEC_NAMES
+from proto.distribution import CODEC_NAMES
 
 DEFAULT_THRESHOLD = 0.05  # replaced by a calibrated value with --calibration (issue 4)
 
@@ -29,22 +29,22 @@ def _hybrid(args, model, settings) -> dict:
     from edge.client import VerifierError
     from edge.hybrid import HybridConfig, generate_hybrid
     from edge.resilient import ResilientSession
-    from proto.codec import CodecSpec
+    from proto.distribution import CodecSpec
 
     codec = CodecSpec(args.codec, k=args.codec_k, eps=args.eps, k_max=args.k_max, bits=args.bits)
-    threshold = args.threshold
+    u_th = args.threshold
     if args.calibration:
         calibration = load_calibration(args.calibration)
         if calibration["fingerprint"] != model.manifest.fingerprint:
             raise UserError(f"{args.calibration} was made for {calibration['fingerprint']}, "
                             f"not this model ({model.manifest.fingerprint})")
-        threshold = threshold_for(calibration, args.uncertainty, args.risk)
-    config = HybridConfig(threshold=threshold, estimator=args.uncertainty, codec=codec, settings=settings,
+        u_th = threshold_for(calibration, args.uncertainty, args.risk)
+    config = HybridConfig(threshold=u_th, estimator=args.uncertainty, codec=codec, settings=settings,
                           max_new_tokens=args.max_new_tokens, samples=args.samples)
     failover, transport = _failover(args), _transport(args)
     sessions: list[ResilientSession] = []
 
-    def open_session(prompt_ids):
+    def open_session(prompt_ids, settings, codec):
         sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, settings, codec,
                                          seed=args.seed, timeout=args.timeout, transport=transport))
         return sessions[-1]
@@ -63,7 +63,7 @@ def _hybrid(args, model, settings) -> dict:
             trace.close()
     print(args.prompt + result.text)
     acc = result.acceptance_rate
-    return {"tokens": len(result.token_ids), "threshold": threshold if math.isfinite(threshold) else str(threshold),
+    return {"tokens": len(result.token_ids), "threshold": u_th if math.isfinite(u_th) else str(u_th),
             "transmission_rate": round(result.transmission_rate, 4),
             "acceptance_rate": None if acc is None else round(acc, 4),
             "uplink_bytes_per_token": round(result.uplink_bytes_per_token, 1),
@@ -98,7 +98,7 @@ def _transport(args):
 def _generate(args) -> int:
     from edge.client import VerifierError
     from edge.model import EdgeModel
-    from edge.sampling import SamplingSettings
+    from core.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model = EdgeModel(args.model, providers=args.provider, threads=args.threads)
@@ -111,95 +111,6 @@ def _generate(args) -> int:
     return 0
 
 
-def _calibrate(args) -> int:
-    from edge.client import VerifierError, connect
-    from edge.model import EdgeModel
-    from edge.sampling import SamplingSettings
-    from edge.taskeval import Runner, load_prompts, run_calibration
-    from proto.codec import CodecSpec
-
-    cal_prompts, test_prompts = load_prompts(args.prompts, args.n, args.n_test)
-    model = EdgeModel(args.model, providers=args.provider)
-    settings = SamplingSettings(temperature=args.temperature)
-    try:
-        channel = connect(args.verifier, timeout=args.timeout)
-        data = run_calibration(Runner(model, channel, settings, args.seed), cal_prompts, test_prompts,
-                               CodecSpec(args.codec), args.max_new_tokens, args.target, args.tolerated)
-    except VerifierError as exc:
-        raise UserError(str(exc)) from None
-    save_calibration(args.out, data)
-    print(f"{'estimator':<13} {'a':>7} {'b':>7} {'r2':>5}  {'rule':<9} {'u_th':>9} {'test TR':>7} "
-          f"{'pred beta':>9} {'meas beta':>9}")
-    for name, fit in data["fits"].items():
-        for rule, t in data["test"][name].items():
-            print(f"{name:<13} {fit['a']:>7.3f} {fit['b']:>7.3f} {fit['r2']:>5.2f}  {rule:<9} {t['threshold']:>9.4g} "
-                  f"{t['transmission_rate']:>7.3f} {t['predicted_skipped_beta']:>9.4f} {t['measured_skipped_beta']:>9.4f}")
-    print(f"wrote {args.out} ({data['n_calibration_tokens']} calibration tokens, {data['n_test_tokens']} test tokens)")
-    return 0
-
-
-def _sweep(args) -> int:
-    from pathlib import Path
-
-    from edge.client import VerifierError, connect
-    from edge.model import EdgeModel
-    from edge.sweep import load_config
-    from edge.sweep_plots import plot_frontier
-
-    config = load_config(args.config)
-    out = Path(args.out)
-    model = EdgeModel(config.model, providers=args.provider)
-    try:
-        if config.verifier:
-            rows = _sweep_with(config, out, model, connect(config.verifier, timeout=args.timeout))
-        else:
-            from cloud.launch import VerifierProcess
-
-            with VerifierProcess(config.verifier_model) as verifier:
-                rows = _sweep_with(config, out, model, connect(verifier.address, timeout=args.timeout))
-    except VerifierError as exc:
-        raise UserError(str(exc)) from None
-    for path in plot_frontier(rows, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'frontier.csv'} ({len(rows)} points)")
-    return 0
-
-
-def _sweep_with(config, out, model, channel):
-    from edge.sampling import SamplingSettings
-    from edge.sweep import run_sweep
-    from edge.taskeval import Runner
-
-    try:
-        return run_sweep(config, out, Runner(model, channel, SamplingSettings(), config.seed))
-    finally:
-        channel.close()
-
-
-def _threshold(text: str) -> float:
-    value = float(text)  # accepts inf and -inf: verify everything / nothing
-    if math.isnan(value):
-        raise ValueError
-    return value
-
-
-def _address(text: str) -> str:
-    if split_host_port(text)[1] == 0:  # ValueError on anything that is not HOST:PORT
-        raise ValueError
-    return text
-
-
-def _addresses(text: str) -> list[str]:
-    return [_address(a.strip()) for a in text.split(",")]
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise ValueError
-    return value
-
-
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m edge", description="Edge side: the ONNX SLM that drafts every token.")
     sub = parser.add_subparsers()
@@ -209,16 +120,16 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=_unit_interval, default=1.0, help="in (0, 1]; 1 = off")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     h = p.add_argument_group("hybrid (with a verifier)")
-    h.add_argument("--verifier", type=_addresses,
+    h.add_argument("--verifier", type=addresses,
                    help="HOST:PORT of `python -m cloud serve` (several, comma-separated: replicas to fail over "
                         "to); omit for SLM-only")
-    h.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
+    h.add_argument("--threshold", type=threshold, default=DEFAULT_THRESHOLD,
                    help="send a token iff its uncertainty u > this; -inf = verify all (HLM), inf = never")
     h.add_argument("--uncertainty", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
                    help=f"uncertainty estimator (default {DEFAULT_ESTIMATOR}; uhlm is U-HLM's, draft-dependent)")
@@ -243,34 +154,11 @@ def build_parser() -> OneLineParser:
     s.add_argument("--token-file", help="file holding this device's bearer token (or set EDGE_VERIFIER_TOKEN)")
     s.add_argument("--insecure", action="store_true",
                    help="allow plaintext to a non-loopback verifier (loopback needs no flag)")
-    h.add_argument("--calibration", help="calibration.json from `python -m edge calibrate`: sets --threshold")
+    h.add_argument("--calibration", help="calibration.json from `python -m eval calibrate`: sets --threshold")
     h.add_argument("--risk", default="averse",
                    help="with --calibration: averse (U-HLM -b/a), prone, or a number = tolerated mean rejection "
                         "of skipped tokens (the empirical choice)")
     p.set_defaults(func=_generate)
-    p = sub.add_parser("calibrate", help="fit uncertainty -> rejection on verify-all runs and pick thresholds")
-    p.add_argument("--model", required=True, help="ONNX export folder of the edge model")
-    p.add_argument("--verifier", required=True, type=_address, help="HOST:PORT of the verifier")
-    p.add_argument("--prompts", required=True, help="'demo' (task problems) or a file with one prompt per line")
-    p.add_argument("--out", required=True, help="calibration JSON to write")
-    p.add_argument("--n", type=positive_int, default=60, help="calibration prompts")
-    p.add_argument("--n-test", type=positive_int, default=60, help="disjoint test prompts (checks the prediction)")
-    p.add_argument("--temperature", type=non_negative_float, default=1.0)
-    p.add_argument("--codec", default="full32", choices=CODEC_NAMES, help="p~ used for beta (full32 = p itself)")
-    p.add_argument("--target", type=non_negative_float, default=0.005,
-                   help="empirical rule: tolerated mean rejection probability of skipped tokens")
-    p.add_argument("--tolerated", type=non_negative_float, default=0.1, help="risk-prone rule's tolerated beta")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
-    p.add_argument("--timeout", type=non_negative_float, default=30.0)
-    p.set_defaults(func=_calibrate)
-    p = sub.add_parser("sweep", help="accuracy-transmission frontier over thresholds x estimators x codecs")
-    p.add_argument("--config", required=True, help="sweep config JSON (see README)")
-    p.add_argument("--out", required=True, help="output folder: frontier.csv and PNG plots (resumable)")
-    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
-    p.add_argument("--timeout", type=non_negative_float, default=30.0)
-    p.set_defaults(func=_sweep)
     return parser
 
 

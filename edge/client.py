@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from edge.sampling import SamplingSettings
+from core.sampling import SamplingSettings
 from edge.transport import Transport
 from proto import hybrid_pb2 as pb
 from proto import hybrid_pb2_grpc as pb_grpc
-from proto.codec import CodecSpec
+from proto.distribution import CodecSpec
 from proto.messages import codec_to_msg, sampling_to_msg, wire_size
 
 _END = object()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge.model import EdgeModel
-from edge.sampling import SamplingSettings, next_token
+from core.sampling import SamplingSettings, next_token
 
 
 @dataclass

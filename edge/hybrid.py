@@ -1,36 +1,47 @@
 """The hybrid decode loop: the SLM drafts every token, sends only the uncertain ones to the verifier.
 
-Per position (DESIGN.md, "The per-token protocol"):
-1. p = the SLM's distribution under the session's sampling settings;
-2. p~ = compress(p): the exact distribution that would be sent;
-3. draft x ~ p~ (never from p: that is what keeps verification exact);
-4. u = uncertainty of the position; if u > threshold, send Verify{pending ids, x, p~} and take the
-   verifier's token, else keep x and append it to the pending list.
-Every token is recorded (``TokenRecord``) and optionally written as a JSON line: the simulator replays
-these traces.
+Per position (docs/design.md, "The per-token protocol"):
+1. ``draft_step``: p = the SLM's distribution under the session's sampling settings; p~ = compress(p),
+   the exact distribution that would be sent; the draft x ~ p~ (never from p: that is what keeps
+   verification exact); u = the position's uncertainty.
+2. ``should_send``: u > threshold (and a verifier is there).
+3. ``verify_step``: send Verify{pending ids, x, p~} and take the verifier's token; otherwise keep x and
+   append it to the pending list.
+4. Feed the kept token to the SLM (``decode``): a rejected draft is replaced before the SLM sees it.
+Every position is recorded (``proto.trace.TokenRecord``) and optionally written as a trace line: the
+simulator replays these traces.
+
+The verifier is anything that satisfies :class:`Verifier`: a plain ``VerifierSession`` or a
+``ResilientSession`` that fails over. ``generate_hybrid`` opens it itself from the configuration, so the
+sampling settings and codec on the wire are always the ones the loop drafts with.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import numpy as np
 
-from edge.client import VerifierError, VerifierSession
+from core.sampling import SamplingSettings, probabilities
+from edge.client import VerdictResult, VerifierError
 from edge.model import EdgeModel
-from edge.sampling import SamplingSettings, probabilities
-from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS, get_estimator
-from proto.codec import CodecSpec, compress, encode
+from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator, get_estimator
+from proto import trace as tr
+from proto.distribution import CodecSpec, Compressed, compress
+from proto.payload import encode
+from proto.trace import TokenRecord
+
+# The default policy's threshold on 1 - max p: the lowest transmission rate that kept >= 99% of LLM-only
+# accuracy on the demo pair's frontier at both temperatures (README, "Measured frontier").
+DEFAULT_THRESHOLD = 0.06
 
 
 @dataclass(frozen=True)
 class HybridConfig:
-    threshold: float = 0.0  # send iff u > threshold; -inf = verify every token (HLM), +inf = SLM-only
+    threshold: float = DEFAULT_THRESHOLD  # send iff u > threshold; -inf = verify every token (HLM), +inf = SLM-only
     estimator: str = DEFAULT_ESTIMATOR
     codec: CodecSpec = CodecSpec("adaptive")
     settings: SamplingSettings = SamplingSettings()
@@ -39,27 +50,30 @@ class HybridConfig:
     record_all_estimators: bool = False  # calibration: compute every estimator's u at every position
 
 
-@dataclass
-class TokenRecord:
-    """One generated position, as written to the trace."""
+class Verifier(Protocol):
+    """What the loop needs from a verifier session (``VerifierSession``, ``ResilientSession``)."""
 
-    position: int  # index in the full sequence (prompt included)
-    token: int  # the token kept at this position
-    draft: int
+    report_target_prob: bool  # the verifier reports q(draft) in each verdict (calibration)
+    uplink_bytes: int  # every edge -> cloud message so far, Open included
+    downlink_bytes: int
+
+    def verify(self, pending: list[int], draft: int, payload: bytes) -> VerdictResult | None:
+        """The verdict on ``draft``; None when the cloud is lost and the policy is to go on locally."""
+
+    def close(self) -> None: ...
+
+
+SessionOpener = Callable[[list[int], SamplingSettings, CodecSpec], Verifier]
+"""Opens a verifier session for (prompt ids, sampling settings, codec)."""
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One drafted position: what would be sent, the draft drawn from it, and its uncertainty."""
+
+    p_tilde: Compressed  # the compressed distribution, exactly as the verifier would decode it
+    token: int  # x ~ p~
     u: float
-    sent: bool
-    bytes: int  # uplink wire bytes of this position's Verify (0 when skipped)
-    accepted: bool | None  # None when not sent
-    returned: int | None  # the verifier's token when sent
-    slm_step_s: float  # SLM forward + sampling + compression + uncertainty for this position
-    wait_s: float  # waiting for the verdict (0 when skipped)
-    draft_prob: float = 0.0  # p~(draft)
-    target_prob: float | None = None  # q(draft), when the verifier reports it (calibration runs)
-    u_all: dict | None = None  # every estimator's u at this position (calibration runs)
-    pending: int = 0  # kept tokens this Verify carried up (prefilled by the verifier with this position)
-    down_bytes: int = 0  # downlink wire bytes of this position's Verdict
-    server_s: float = 0.0  # the verifier's own time for this Verify (its share of wait_s)
-    unverified: bool = False  # should have been verified, but no verifier was reachable (--on-cloud-loss local)
 
 
 @dataclass
@@ -99,41 +113,46 @@ class HybridResult:
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
 
 
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
+@dataclass
+class _Streams:
+    """The loop's random streams. Separate generators: the send decision's randomness must not be
+    correlated with the draft's."""
+
+    draft: np.random.Generator
+    u: np.random.Generator
+
+    @classmethod
+    def seeded(cls, seed: int | None) -> _Streams:
+        make = (lambda i: np.random.default_rng([seed, i])) if seed is not None else (lambda i: np.random.default_rng())
+        return cls(make(0), make(1))
 
 
-def write_trace_line(out: TextIO, record: TokenRecord) -> None:
-    row = {"kind": "token", **asdict(record)}
-    row["u"] = _json_float(row["u"])
-    out.write(json.dumps(row) + "\n")
+def draft_step(logits: np.ndarray, config: HybridConfig, estimator: Estimator, streams: _Streams) -> Draft:
+    """Form p from the SLM's ``logits`` [V], compress it to p~, draw the draft from p~, measure u."""
+    p_tilde = compress(probabilities(logits, config.settings), config.codec)
+    draft = p_tilde.sample(streams.draft)  # from p~, never from p: the verifier checks against p~
+    return Draft(p_tilde, draft, float(estimator(logits, draft, streams.u)))
 
 
-def write_trace_open(out: TextIO, config: HybridConfig, prompt_tokens: int, session: VerifierSession | None) -> None:
-    """The first line of a generation in a trace: its configuration and the Open/Opened sizes."""
-    row = {"kind": "open", "prompt_tokens": prompt_tokens, "estimator": config.estimator,
-           "codec": asdict(config.codec), "threshold": _json_float(config.threshold),
-           "temperature": config.settings.temperature, "verifier": session is not None,
-           "uplink_bytes": session.uplink_bytes if session else 0,
-           "downlink_bytes": session.downlink_bytes if session else 0}
-    out.write(json.dumps(row) + "\n")
+def should_send(draft: Draft, config: HybridConfig, verifier: Verifier | None) -> bool:
+    return verifier is not None and draft.u > config.threshold
 
 
-def write_trace_close(out: TextIO, result: HybridResult) -> None:
-    """The last line of a generation: totals (all messages, Open and Close included) and wall time."""
-    row = {"kind": "close", "tokens": len(result.token_ids), "uplink_bytes": result.uplink_bytes,
-           "downlink_bytes": result.downlink_bytes, "seconds": result.seconds, "text": result.text}
-    out.write(json.dumps(row) + "\n")
-
-
-def _verify_keeping_partial(session, pending, draft, payload, result: HybridResult):
-    """``session.verify``; a failure carries the tokens generated so far (``exc.partial``): nothing is lost."""
+def verify_step(verifier: Verifier, pending: list[int], draft: Draft, config: HybridConfig, vocab: int,
+                result: HybridResult) -> VerdictResult | None:
+    """Send Verify{pending, x, p~}; a failure carries the tokens generated so far (``exc.partial``)."""
     try:
-        return session.verify(pending, draft, payload)
+        return verifier.verify(pending, draft.token, encode(draft.p_tilde, config.codec, vocab))
     except VerifierError as exc:
-        exc.partial = result
-        session.close()
+        exc.partial = result  # nothing is lost: the caller can print what was generated
+        verifier.close()
         raise
+
+
+def _write_open(trace: TextIO, config: HybridConfig, prompt_tokens: int, verifier: Verifier | None) -> None:
+    tr.write_open(trace, prompt_tokens, config.estimator, asdict(config.codec), config.threshold,
+                  config.settings.temperature, verifier is not None,
+                  verifier.uplink_bytes if verifier else 0, verifier.downlink_bytes if verifier else 0)
 
 
 def generate_hybrid(
@@ -141,65 +160,56 @@ def generate_hybrid(
     prompt_ids: list[int],
     config: HybridConfig,
     seed: int | None = None,
-    open_session: Callable[[list[int]], VerifierSession] | None = None,
+    open_session: SessionOpener | None = None,
     trace: TextIO | None = None,
 ) -> HybridResult:
-    """Generate with the SLM, verifying uncertain tokens through ``open_session(prompt_ids)``'s session.
+    """Generate with the SLM, verifying uncertain tokens through the session ``open_session`` opens.
 
     Without ``open_session`` (or with threshold +inf) nothing is ever sent: SLM-only generation that
     draws from the same compressed distribution.
     """
     estimator = get_estimator(config.estimator, k=config.samples)
     all_estimators = {n: get_estimator(n, k=config.samples) for n in ESTIMATORS} if config.record_all_estimators else {}
-    # Separate streams: the send decision's randomness must not be correlated with the draft's.
-    draft_rng, u_rng = (np.random.default_rng([seed, i]) if seed is not None else np.random.default_rng()
-                        for i in (0, 1))
+    streams = _Streams.seeded(seed)
     vocab = model.runtime.vocab_size
     result = HybridResult(list(prompt_ids))
-    session = open_session(list(prompt_ids)) if open_session else None
+    verifier = open_session(list(prompt_ids), config.settings, config.codec) if open_session else None
     if trace is not None:
-        write_trace_open(trace, config, len(prompt_ids), session)
-    t_start = time.perf_counter()
-    t_step = time.perf_counter()
+        _write_open(trace, config, len(prompt_ids), verifier)
+    t_start = t_step = time.perf_counter()
     logits = model.runtime.prefill(prompt_ids)
-    pending: list[int] = []
+    pending: list[int] = []  # kept drafts the verifier has not seen yet
     for _ in range(config.max_new_tokens):
-        p_tilde = compress(probabilities(logits, config.settings), config.codec)
-        draft = p_tilde.sample(draft_rng)
-        u = estimator(logits, draft, u_rng)
-        slm_step = time.perf_counter() - t_step
-        record = TokenRecord(len(prompt_ids) + len(result.token_ids), draft, draft, float(u), False, 0, None,
-                             None, slm_step, 0.0, draft_prob=p_tilde.prob(draft))
-        if all_estimators:
-            record.u_all = {n: float(e(logits, draft, u_rng)) for n, e in all_estimators.items()}
-        verdict = None
-        if session is not None and u > config.threshold:
-            verdict = _verify_keeping_partial(session, pending, draft, encode(p_tilde, config.codec, vocab), result)
-            record.unverified = verdict is None  # the cloud is lost and the policy is to go on locally
+        draft = draft_step(logits, config, estimator, streams)
+        record = TokenRecord.kept(len(prompt_ids) + len(result.token_ids), draft.token, draft.u,
+                                  draft.p_tilde.prob(draft.token), time.perf_counter() - t_step)
+        if all_estimators:  # calibration: every estimator's u at this position, after the loop's own
+            record.u_all = {n: float(e(logits, draft.token, streams.u)) for n, e in all_estimators.items()}
+        send = should_send(draft, config, verifier)
+        verdict = verify_step(verifier, pending, draft, config, vocab, result) if send else None
         if verdict is not None:
-            record.pending, record.down_bytes, record.server_s = len(pending), verdict.downlink_bytes, \
-                verdict.server_seconds
+            record.verified(verdict, len(pending), verifier.report_target_prob)
             pending = []
-            record.sent, record.bytes, record.accepted = True, verdict.uplink_bytes, verdict.accepted
-            record.returned, record.token, record.wait_s = verdict.token, verdict.token, verdict.wait_seconds
-            record.target_prob = verdict.target_prob if session.report_target_prob else None
         else:
-            pending.append(draft)
+            record.unverified = send  # sent, but the cloud is lost and the policy is to go on locally
+            pending.append(draft.token)
         result.token_ids.append(record.token)
         result.records.append(record)
         if trace is not None:
-            write_trace_line(trace, record)
+            tr.write_token(trace, record)
         if record.token in model.eos_ids:
             result.stopped_at_eos = True
             break
         t_step = time.perf_counter()
         if len(result.token_ids) < config.max_new_tokens:
             logits = model.runtime.decode(record.token)  # a rejected draft is replaced before the SLM sees it
-    if session is not None:
-        session.close()
-        result.uplink_bytes, result.downlink_bytes = session.uplink_bytes, session.downlink_bytes
+    if verifier is not None:
+        verifier.close()
+        result.uplink_bytes, result.downlink_bytes = verifier.uplink_bytes, verifier.downlink_bytes
     result.seconds = time.perf_counter() - t_start
     result.text = model.decode(result.token_ids)
     if trace is not None:
-        write_trace_close(trace, result)
+        tr.write_close(trace, len(result.token_ids), result.uplink_bytes, result.downlink_bytes, result.seconds,
+                       result.text)
     return result
+

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import grpc
 
 from edge.client import PLAINTEXT, VerdictResult, VerifierError, VerifierSession, connect
-from edge.sampling import SamplingSettings
+from core.sampling import SamplingSettings
 from edge.transport import Transport
-from proto.codec import CodecSpec
+from proto.distribution import CodecSpec
 
 CLOUD_LOSS_POLICIES = ("fail", "wait", "local")
 # A retry (on this replica or another) can fix these; everything else is the client's to fix.

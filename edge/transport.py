@@ -11,7 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from proto.addresses import check_plaintext_allowed, split_host_port
+from core.cli import split_host_port
+from proto.addresses import check_plaintext_allowed
 
 MAX_RECEIVE_BYTES = 1 << 20
 

@@ -6,7 +6,7 @@ import json
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
-from edge.cli_errors import OneLineParser, UserError, positive_int, run_cli
+from core.cli import OneLineParser, UserError, positive_int, run_cli
 from models.registry import format_pairs
 
 

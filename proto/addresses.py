@@ -9,14 +9,6 @@ from __future__ import annotations
 import ipaddress
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); ValueError naming the problem."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -5,9 +5,9 @@ One place for the rule, so edge and cloud read Sampling and Codec fields identic
 
 from __future__ import annotations
 
-from edge.sampling import SamplingSettings
+from core.sampling import SamplingSettings
 from proto import hybrid_pb2 as pb
-from proto.codec import CodecSpec
+from proto.distribution import CodecSpec
 
 FRAME_OVERHEAD = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes, per message
 

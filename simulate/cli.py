@@ -10,8 +10,9 @@ import json
 import math
 from pathlib import Path
 
-from edge.cli_errors import OneLineParser, UserError, non_negative_float, positive_int, run_cli
+from core.cli import OneLineParser, UserError, non_negative_float, positive_int, run_cli
 from simulate.config import ConfigError
+from simulate.testbed.edge_run import TESTBED_POLICIES
 from simulate.trace import TraceError
 
 
@@ -54,7 +55,7 @@ def _sweep(args) -> int:
 
 
 def _record(args) -> int:
-    from simulate.record import record_all
+    from simulate.testbed.record import record_all
 
     manifest = record_all(args.out, args.problems, args.calibration_problems, args.seed, args.temperature,
                           args.extra_thresholds)
@@ -64,7 +65,7 @@ def _record(args) -> int:
 
 
 def _validate(args) -> int:
-    from simulate.validate import main_validate
+    from simulate.testbed.validate import main_validate
 
     return main_validate(args)
 
@@ -93,7 +94,7 @@ def build_parser() -> OneLineParser:
                                         "vs the simulator (root)")
     p.add_argument("--out", type=Path, default=Path("reports/sim/validation"))
     p.add_argument("--problems", type=positive_int, default=4, help="problems per point")
-    p.add_argument("--policy", choices=("hlm", "u-hlm", "cu-hlm", "default"), default="hlm")
+    p.add_argument("--policy", choices=TESTBED_POLICIES, default="hlm")
     p.add_argument("--rates-mbit", type=_float_list, default=[5.0, 20.0, 100.0],
                    help="comma-separated uplink rates in Mbit/s (at least one should be the bottleneck)")
     p.add_argument("--rtt-ms", type=non_negative_float, default=20.0, help="round-trip propagation delay added by the relay")

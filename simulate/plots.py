@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.sweep_plots import _save
+from eval.plots import save_figure
 
 CLOUD_ONLY = "llm-only"
 
@@ -56,7 +56,7 @@ def plot_throughput(rows: list[dict], out: Path) -> Path:
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    return _save(fig, out / "throughput_vs_uplink.png")
+    return save_figure(fig, out / "throughput_vs_uplink.png")
 
 
 def plot_latency_cdf(cdfs: dict, ref: dict, colors: dict, out: Path) -> Path:
@@ -70,7 +70,7 @@ def plot_latency_cdf(cdfs: dict, ref: dict, colors: dict, out: Path) -> Path:
                  f"{ref['devices']} device(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, out / "latency_cdf.png")
+    return save_figure(fig, out / "latency_cdf.png")
 
 
 def plot_bytes(rows: list[dict], out: Path) -> Path:
@@ -87,7 +87,7 @@ def plot_bytes(rows: list[dict], out: Path) -> Path:
     ax.set(yscale="log", ylabel="uplink bytes per generated token")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    return _save(fig, out / "bytes_per_token.png")
+    return save_figure(fig, out / "bytes_per_token.png")
 
 
 def plot_crossover(rows: list[dict], crossover: list[dict], out: Path) -> Path | None:
@@ -116,7 +116,7 @@ def plot_crossover(rows: list[dict], crossover: list[dict], out: Path) -> Path |
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    return _save(fig, out / "crossover.png")
+    return save_figure(fig, out / "crossover.png")
 
 
 def write_plots(rows: list[dict], cdfs: dict, ref: dict, crossover: list[dict], out: Path) -> list[str]:

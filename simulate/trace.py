@@ -1,17 +1,10 @@
 """Load and validate the JSON-lines traces the real edge records; one ``Generation`` per open…close block.
 
-Three kinds of generation, told apart by the ``open`` line:
-
-- ``hybrid``: written by ``edge/hybrid.py`` with a verifier (``"verifier": true``): per token the edge's
-  compute time, whether a Verify was sent, its wire bytes, the pending ids it carried, the Verdict's wire
-  bytes and the verifier's own time.
-- ``local``: the same writer without a verifier (SLM-only): compute times only, nothing on the network.
-- ``stream``: the cloud-only baseline written by ``simulate/record.py`` (``"mode": "stream"``): the
-  GenerateRequest's wire bytes up, then per token ``chunk_s`` (time since the previous chunk, or since the
-  request for the first, timed at the client on loopback) and the chunk's wire bytes down.
-
-An optional ``{"kind": "task", "correct": bool}`` line after ``close`` carries the task outcome, so a run
-can report the trace's accuracy. Other line kinds are refused: a trace is a contract, not free text.
+The format is the contract in ``proto/trace.py`` (row definitions, writers and the field lists checked
+here): ``hybrid`` generations (the edge loop with a verifier), ``local`` ones (SLM-only) and ``stream``
+ones (the cloud-only Generate baseline), each optionally followed by a ``task`` line with the answer's
+correctness, so a run can report the trace's accuracy. Other line kinds are refused: a trace is a
+contract, not free text.
 """
 
 from __future__ import annotations
@@ -22,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from proto.trace import (CLOSE_FIELDS, KINDS, MODES, OPEN_FIELDS, SENT_TOKEN_FIELDS, STREAM_TOKEN_FIELDS,
+                         TOKEN_FIELDS)
 
 
 class TraceError(ValueError):
@@ -121,13 +117,21 @@ def _threshold(value) -> float | None:
     return float(value)  # "inf" / "-inf" are written as strings by the edge
 
 
+def _require(row: dict, fields: tuple[str, ...], where: str) -> None:
+    """TraceError naming the first contract field (``proto/trace.py``) that ``row`` lacks."""
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise TraceError(f"{where}: field '{missing[0]}' is missing (a {row.get('kind')} line needs {', '.join(fields)})")
+
+
 class _Builder:
     """Accumulates the lines of one generation, then checks and freezes them into a Generation."""
 
     def __init__(self, head: dict, where: str):
         self.mode = head.get("mode") or ("hybrid" if head.get("verifier") else "local")
-        if self.mode not in ("hybrid", "local", "stream"):
-            raise TraceError(f"{where}: field 'mode' must be hybrid, local or stream, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise TraceError(f"{where}: field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _require(head, OPEN_FIELDS, where)
         self.prompt_tokens = _int(head, "prompt_tokens", where)
         self.open_up = _int(head, "uplink_bytes", where)
         self.open_down = _int(head, "downlink_bytes", where)
@@ -135,9 +139,13 @@ class _Builder:
 
     def token(self, row: dict, where: str) -> None:
         if self.mode == "stream":
+            _require(row, STREAM_TOKEN_FIELDS, where)
             self.rows.append((_num(row, "chunk_s", where), False, 0, _int(row, "down_bytes", where), 0, 0.0, 0.0))
             return
+        _require(row, TOKEN_FIELDS, where)
         sent = row.get("sent")
+        if sent is True:
+            _require(row, SENT_TOKEN_FIELDS, where)
         if not isinstance(sent, bool):
             raise TraceError(f"{where}: field 'sent' must be true or false, got {sent!r}")
         if sent and self.mode == "local":
@@ -150,6 +158,7 @@ class _Builder:
                           _num(row, "wait_s", where) if sent else 0.0))
 
     def close(self, row: dict, where: str) -> Generation:
+        _require(row, CLOSE_FIELDS, where)
         if _int(row, "tokens", where) != len(self.rows):
             raise TraceError(f"{where}: field 'tokens' says {row['tokens']}, the generation has {len(self.rows)}")
         if not self.rows:
@@ -170,8 +179,8 @@ def _parse_line(text: str, where: str) -> dict:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TraceError(f"{where}: not JSON ({exc.msg})") from None
-    if not isinstance(row, dict) or row.get("kind") not in ("open", "token", "close", "task"):
-        raise TraceError(f"{where}: field 'kind' must be open, token, close or task")
+    if not isinstance(row, dict) or row.get("kind") not in KINDS:
+        raise TraceError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}")
     return row
 
 

@@ -10,16 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from proto.codec import (
-    CODEC_NAMES,
-    CodecError,
-    CodecSpec,
-    Compressed,
-    compress,
-    decode,
-    encode,
-    encoded_size,
-)
+from proto.distribution import CODEC_NAMES, CodecSpec, Compressed, compress
+from proto.payload import CodecError, decode, encode, encoded_size
 
 SPECS = [
     CodecSpec("full32"),

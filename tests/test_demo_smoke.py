@@ -2,9 +2,10 @@
 
 import json
 
+from eval.policies import POLICIES
 from tests.conftest import run_module
 
-CONFIGS = ["slm-only", "llm-only", "hlm", "u-hlm", "cu-hlm", "default"]
+CONFIGS = list(POLICIES)  # every policy of the one table is a row of the demo
 
 
 def test_demo_writes_all_configurations(tmp_path):

@@ -10,12 +10,13 @@ import grpc
 import numpy as np
 import pytest
 
-from cloud.launch import VerifierProcess
+from core.process import VerifierProcess
 from edge.client import connect
 from edge.model import EdgeModel
-from edge.sampling import softmax
+from core.sampling import softmax
 from proto import hybrid_pb2 as pb
-from proto.codec import CodecSpec, compress, encode
+from proto.distribution import CodecSpec, compress
+from proto.payload import encode
 from proto.messages import codec_to_msg
 from tests.conftest import DEMO_PAIR
 from tests.test_codec import topk_bytes

@@ -11,12 +11,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scipy.stats import chisquare
 
-from cloud.launch import VerifierProcess
+from core.process import VerifierProcess
 from edge.client import VerifierError, VerifierSession, connect, generate_remote
 from edge.hybrid import HybridConfig, generate_hybrid
 from edge.model import EdgeModel
-from edge.sampling import SamplingSettings, probabilities
-from proto.codec import CodecSpec, compress, encode
+from core.sampling import SamplingSettings, probabilities
+from proto.distribution import CodecSpec, compress
+from proto.payload import encode
 from tests.conftest import DEMO_PAIR, run_module
 
 PROMPT = "Q:7+5-3+8 A:"
@@ -40,8 +41,8 @@ def edge_model(slm_onnx):
     return EdgeModel(slm_onnx, providers="cpu")
 
 
-def _opener(channel, model, settings, codec, seed=None, report_q=False):
-    def open_session(prompt_ids):
+def _opener(channel, model, seed=None, report_q=False):
+    def open_session(prompt_ids, settings, codec):
         return VerifierSession(channel, model.manifest.fingerprint, prompt_ids, settings, codec, seed=seed,
                                report_target_prob=report_q)
     return open_session
@@ -97,8 +98,8 @@ def test_infinite_threshold_equals_slm_only_and_sends_nothing(channel, edge_mode
     local = generate_hybrid(edge_model, prompt, config, seed=5)
     opened = []
 
-    def open_session(prompt_ids):
-        session = _opener(channel, edge_model, settings, codec)(prompt_ids)
+    def open_session(prompt_ids, settings, codec):
+        session = _opener(channel, edge_model)(prompt_ids, settings, codec)
         opened.append(session.uplink_bytes)  # bytes of the Open message
         return session
 
@@ -113,7 +114,7 @@ def test_verify_all_greedy_equals_llm_greedy(channel, edge_model):
     config = HybridConfig(threshold=float("-inf"), codec=CodecSpec("topk"), settings=settings, max_new_tokens=40)
     prompt = edge_model.encode(PROMPT)
     hybrid = generate_hybrid(edge_model, prompt, config, seed=0,
-                             open_session=_opener(channel, edge_model, settings, config.codec))
+                             open_session=_opener(channel, edge_model))
     remote, _, _ = generate_remote(channel, edge_model.manifest.fingerprint, prompt, settings, 40,
                                    sorted(edge_model.eos_ids))
     assert hybrid.token_ids == remote and hybrid.transmission_rate == 1.0
@@ -179,7 +180,7 @@ def test_cli_unreachable_verifier_is_one_line(slm_onnx):
 
 def test_cli_calibrate_then_generate_with_calibration(verifier, slm_onnx, tmp_path):
     cal = tmp_path / "calibration.json"
-    proc = run_module("edge", "calibrate", "--model", str(slm_onnx), "--verifier", verifier.address,
+    proc = run_module("eval", "calibrate", "--model", str(slm_onnx), "--verifier", verifier.address,
                       "--prompts", "demo", "--n", "4", "--n-test", "3", "--out", str(cal))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(cal.read_text())

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.launch import VerifierProcess
+from core.process import VerifierProcess
 from edge.client import VerifierSession, connect
-from edge.sampling import SamplingSettings, softmax
-from proto.codec import CodecSpec, compress, encode
+from core.sampling import SamplingSettings, softmax
+from proto.distribution import CodecSpec, compress
+from proto.payload import encode
 from tests.conftest import DEMO_PAIR
 from tests.verifier_clients import metric
 

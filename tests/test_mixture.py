@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cloud.rejection import verify_draft
-from edge.sampling import softmax
+from core.sampling import softmax
 from edge.uncertainty import get_estimator
 from tests.test_rejection import ALPHA, chi_square_p
 

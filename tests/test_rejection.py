@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from scipy.stats import chisquare
 
 from cloud.rejection import acceptance_beta, verify_draft
+from proto.distribution import CodecSpec, compress
 
 N_ROUNDS = 100_000
 ALPHA = 1e-3  # p-value floor for "matches"; fixed seeds make every run identical
@@ -172,16 +171,12 @@ def test_acceptance_beta_hand_cases():
 
 # --- every payload codec keeps verification exact ------------------------------------------------------------
 
-HAVE_CODEC = importlib.util.find_spec("proto.codec") is not None
 CODEC_SPECS = ["full32", "full16", "topk", "adaptive"]
 
 
 @pytest.mark.exactness
-@pytest.mark.skipif(not HAVE_CODEC, reason="proto/codec.py not written yet")
 @pytest.mark.parametrize("codec", CODEC_SPECS)
 def test_every_codec_is_exact(codec):
-    from proto.codec import CodecSpec, compress
-
     vocab = 48
     rng = np.random.default_rng(99)
     # a peaked SLM distribution with a long tail, so top-k and adaptive truncation really cut mass

@@ -12,13 +12,13 @@ import signal
 
 import pytest
 
-from cloud.launch import VerifierProcess
+from core.process import VerifierProcess
 from edge.client import VerifierError
 from edge.hybrid import HybridConfig, generate_hybrid
 from edge.model import EdgeModel
 from edge.resilient import CloudLost, Failover, ResilientSession
-from edge.sampling import SamplingSettings
-from proto.codec import CodecSpec
+from core.sampling import SamplingSettings
+from proto.distribution import CodecSpec
 from tests.conftest import DEMO_PAIR, run_module
 from tests.verifier_clients import PROMPT
 
@@ -57,9 +57,9 @@ class FailAfter:
 def _run(model, failover, wrap=None):
     sessions = []
 
-    def open_session(prompt_ids):
-        sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, CONFIG.settings,
-                                         CONFIG.codec, seed=SEED, timeout=10))
+    def open_session(prompt_ids, settings, codec):
+        sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, settings, codec,
+                                         seed=SEED, timeout=10))
         return wrap(sessions[-1]) if wrap else sessions[-1]
 
     result = generate_hybrid(model, model.encode(PROMPT), CONFIG, seed=SEED, open_session=open_session)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from edge.sampling import SamplingSettings, probabilities, sample, softmax
+from core.sampling import SamplingSettings, probabilities, sample, softmax
 
 
 def test_greedy_is_one_hot_at_argmax():

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cloud.auth import add_token
-from cloud.launch import VerifierProcess
+from core.process import VerifierProcess
 from edge.client import VerifierError, connect
 from edge.hybrid import generate_hybrid
 from edge.model import EdgeModel
@@ -143,9 +143,9 @@ def test_with_certificate_and_token_a_generation_works(verifier, model, pki):
     assert is_serving(channel)  # health stays open to probes without a token
     channel.close()
 
-    def open_session(prompt_ids):
+    def open_session(prompt_ids, settings, codec):
         return ResilientSession(Failover((verifier.address,)), model.manifest.fingerprint, prompt_ids,
-                                GOOD_CONFIG.settings, GOOD_CONFIG.codec, seed=3, transport=transport)
+                                settings, codec, seed=3, transport=transport)
 
     result = generate_hybrid(model, model.encode(PROMPT), GOOD_CONFIG, seed=3, open_session=open_session)
     assert result.sent > 0 and len(result.token_ids) > 5

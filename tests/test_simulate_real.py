@@ -8,8 +8,9 @@ import json
 import pytest
 
 from simulate.config import parse_config
-from simulate.netns import unavailable_reason
-from simulate.record import POLICIES, record_all
+from simulate.testbed.netns import unavailable_reason
+from eval.policies import POLICIES
+from simulate.testbed.record import record_all
 from simulate.study import run_one
 
 
@@ -41,7 +42,7 @@ def test_recorded_traces_replay_for_every_policy(traces):
 def test_validation_point_agrees_with_real_link(tmp_path, slm_onnx):
     """HLM over a 20 Mbit/s tbf-shaped veth with 20 ms RTT: simulator within 30% of the real run (the
     full validation, ``make bench``, reports the measured error at three rates)."""
-    from simulate.validate import run_validation
+    from simulate.testbed.validate import run_validation
 
     report = run_validation([20e6], 0.02, "hlm", problems=1, out=tmp_path, model=slm_onnx)
     point = report["points"][0]

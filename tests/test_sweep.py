@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edge.sweep import COLUMNS, load_config
+from eval.sweep import COLUMNS, load_config
 from tests.conftest import DEMO_PAIR, run_module
 
 
@@ -34,7 +34,7 @@ def test_two_point_sweep_and_resume(slm_onnx, tmp_path):
                                   "problems": 12, "temperatures": [0.0], "estimators": ["max-prob"],
                                   "codecs": ["adaptive"], "thresholds": [0.01, 0.3]}))
     out = tmp_path / "out"
-    proc = run_module("edge", "sweep", "--config", str(config), "--out", str(out), timeout=600)
+    proc = run_module("eval", "sweep", "--config", str(config), "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _rows(out / "frontier.csv")
     assert list(rows[0]) == COLUMNS and len(rows) == 4
@@ -47,7 +47,7 @@ def test_two_point_sweep_and_resume(slm_onnx, tmp_path):
     assert float(points[0]["transmission_rate"]) >= float(points[1]["transmission_rate"])  # monotone in u_th
     assert (out / "accuracy_vs_tr_T0.png").is_file() and (out / "accuracy_vs_bytes_T0.png").is_file()
     before = (out / "frontier.csv").read_text()
-    proc = run_module("edge", "sweep", "--config", str(config), "--out", str(out), timeout=600)
+    proc = run_module("eval", "sweep", "--config", str(config), "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "frontier.csv").read_text() == before  # nothing rerun, nothing appended
 
@@ -55,5 +55,5 @@ def test_two_point_sweep_and_resume(slm_onnx, tmp_path):
 def test_invalid_config_is_one_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")
-    proc = run_module("edge", "sweep", "--config", str(path), "--out", str(tmp_path / "o"))
+    proc = run_module("eval", "sweep", "--config", str(path), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "cannot read sweep config" in proc.stderr and "Traceback" not in proc.stderr

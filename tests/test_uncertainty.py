@@ -7,7 +7,7 @@ import pytest
 from scipy import integrate
 from scipy.stats import binom
 
-from edge.sampling import softmax
+from core.sampling import softmax
 from edge.uncertainty import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,

@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge.client import VerifierSession
 from edge.hybrid import HybridConfig, generate_hybrid
-from edge.sampling import SamplingSettings
+from core.sampling import SamplingSettings
 from proto import hybrid_pb2 as pb
-from proto.codec import CodecSpec
+from proto.distribution import CodecSpec
 
 PROMPT = "Q:7+5-3+8 A:"
 SESSION_METHOD = "/hybrid.v1.Verifier/Session"
@@ -84,9 +84,9 @@ class GoodGeneration(threading.Thread):
         self.token_ids: list[int] | None = None
         self.error: Exception | None = None
 
-    def _open(self, prompt_ids):
-        session = VerifierSession(self.channel, self.model.manifest.fingerprint, prompt_ids, self.config.settings,
-                                  self.config.codec, seed=self.seed)
+    def _open(self, prompt_ids, settings, codec):
+        session = VerifierSession(self.channel, self.model.manifest.fingerprint, prompt_ids, settings, codec,
+                                  seed=self.seed)
         self.opened.set()
         return session
 

@@ -1,22 +1,13 @@
-"""The payload codec: how the edge ships its draft distribution ``p~`` to the cloud, bit for bit.
+"""The payload bytes: how ``p~`` (:mod:`proto.distribution`) travels from edge to cloud, bit for bit.
 
 Edge and cloud both import this module and nothing else for the payload, so the two sides cannot drift.
+Every codec holds the invariant::
 
-Glossary (see DESIGN.md, "The per-token protocol"):
+    decode(encode(compress(p), spec, V), spec, V) == compress(p, spec)
 
-- ``p``: the SLM distribution at one position, float64 ``[V]``, after temperature / top-k / top-p; may
-  hold exact zeros.
-- ``p~``: what :func:`compress` makes of ``p``. An *exact* distribution: integer weights over a common
-  integer total (``topk``, ``adaptive``), or float64 weights over their float64 sum (``full32``,
-  ``full16``). The edge draws its draft from ``p~`` (:meth:`Compressed.sample`), never from ``p``, and
-  the cloud runs rejection sampling against ``p~`` (:meth:`Compressed.dense`). Rejection sampling is
-  only exact if both sides use the very same ``p~``, hence the invariant every codec holds::
-
-      decode(encode(compress(p), spec, V), spec, V) == compress(p, spec)
-
-  (same support, same weights, same total). :func:`decode` is also strict: it accepts exactly the byte
-  strings :func:`encode` can produce, so a corrupted or mismatched payload fails loudly with
-  :class:`CodecError` instead of being verified against the wrong distribution.
+(same support, same weights, same total). :func:`decode` is also strict: it accepts exactly the byte
+strings :func:`encode` can produce, so a corrupted or mismatched payload fails loudly with
+:class:`CodecError` instead of being verified against the wrong distribution.
 
 Codecs and their wire layouts (all integers little-endian, ``V`` = vocabulary size, ``n`` = support
 size):
@@ -45,315 +36,21 @@ size):
 
             with ``d_0 = index_0``, ``d_i = index_i - index_{i-1}`` and ``len(varint(x)) = 1`` for
             ``x < 2**7``, ``2`` below ``2**14``, ``3`` below ``2**21``, ``4`` below ``2**28``, else 5.
-
-Tie-breaking is deterministic everywhere: among equal probabilities the lower token id ranks first.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-
 import numpy as np
 
-CODEC_NAMES = ("full32", "full16", "topk", "adaptive")
+from proto.distribution import FLOAT_DTYPES, MAX_VOCAB, TOPK_TOTAL, CodecSpec, Compressed, from_float_values, is_int
 
-TOPK_TOTAL = 255  # topk counts are uint8 and sum to exactly this
-_MAX_VOCAB = 2**32  # topk indices are uint32
 _MAX_VARINT_BYTES = 5  # enough for any index < 2**32 (5 × 7 = 35 bits)
-_FLOAT_DTYPES = {"full32": np.dtype("<f4"), "full16": np.dtype("<f2")}
 # Raw bit patterns from here up are inf/NaN (exponent all ones) or carry the sign bit.
 _INVALID_FLOAT_BITS = {"full32": 0x7F800000, "full16": 0x7C00}
 
 
 class CodecError(ValueError):
     """A payload that :func:`decode` refuses: what is wrong, with the expected and the actual value."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Specification
-# ----------------------------------------------------------------------------------------------------
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-@dataclass(frozen=True)
-class CodecSpec:
-    """Which codec, with its parameters. Both sides must use the same spec (it is not on the wire)."""
-
-    name: str
-    k: int = 30  # topk: number of entries
-    eps: float = 0.01  # adaptive: tail mass allowed outside the top set
-    k_max: int = 64  # adaptive: cap on the top set
-    bits: int = 12  # adaptive: probabilities are b-bit integers summing to 2**bits
-
-    def __post_init__(self):
-        if self.name not in CODEC_NAMES:
-            raise ValueError(f"unknown codec {self.name!r}; known codecs: {', '.join(CODEC_NAMES)}")
-        if not _is_int(self.k) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        if self.name == "topk" and self.k > TOPK_TOTAL:
-            # n travels as a uint8, and every kept entry needs a count >= 1 out of 255.
-            raise ValueError(f"topk: k must be <= {TOPK_TOTAL} (n is a uint8 and counts sum to 255), "
-                             f"got {self.k}")
-        if not isinstance(self.eps, numbers.Real) or isinstance(self.eps, bool) or not 0 <= self.eps < 1:
-            raise ValueError(f"eps must be a number with 0 <= eps < 1, got {self.eps!r}")
-        if not _is_int(self.k_max) or self.k_max < 1:
-            raise ValueError(f"k_max must be an integer >= 1, got {self.k_max!r}")
-        if not _is_int(self.bits) or not 2 <= self.bits <= 24:
-            raise ValueError(f"bits must be an integer with 2 <= bits <= 24, got {self.bits!r}")
-        if self.name == "adaptive" and self.k_max > 2**self.bits:
-            # Every kept entry gets a count >= 1 and the counts sum to 2**bits.
-            raise ValueError(f"adaptive: k_max={self.k_max} entries cannot each get a count >= 1 out of "
-                             f"2**bits={2**self.bits}; raise bits to >= {math.ceil(math.log2(self.k_max))} "
-                             f"or lower k_max")
-
-    @property
-    def is_float(self) -> bool:
-        """True for the codecs that send every vocabulary entry as a float."""
-        return self.name in _FLOAT_DTYPES
-
-
-# ----------------------------------------------------------------------------------------------------
-# The compressed distribution p~
-# ----------------------------------------------------------------------------------------------------
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    """A read-only view, so a Compressed cannot change under the sampler (the caller's array stays as is)."""
-    v = a.view()
-    v.setflags(write=False)
-    return v
-
-
-@dataclass(frozen=True, eq=False)
-class Compressed:
-    """``p~``: probability ``weights[i] / total`` on token ``support[i]``, zero elsewhere.
-
-    ``eq=False`` because the dataclass-generated ``__eq__`` cannot compare arrays; ``==`` is defined
-    below as exact equality (support, weights and their dtype, total).
-    """
-
-    support: np.ndarray  # int64 [n] token ids, ascending, unique
-    weights: np.ndarray  # [n] >= 0: int64 (topk, adaptive) or float64 (full32, full16)
-    total: float | int  # weights.sum(); int for the integer codecs; > 0
-
-    def __post_init__(self):
-        support = np.asarray(self.support)
-        weights = np.asarray(self.weights)
-        if support.ndim != 1 or support.size == 0 or support.shape != weights.shape:
-            raise ValueError(f"support and weights must be non-empty 1-D arrays of one length, got shapes "
-                             f"{support.shape} and {weights.shape}")
-        if not np.issubdtype(support.dtype, np.integer):
-            raise ValueError(f"support must hold integer token ids, got dtype {support.dtype}")
-        if not (self.total > 0):
-            raise ValueError(f"total must be > 0, got {self.total!r}")
-        object.__setattr__(self, "support", _frozen(support.astype(np.int64, copy=False)))
-        object.__setattr__(self, "weights", _frozen(weights))
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, Compressed):
-            return NotImplemented
-        return (self.weights.dtype == other.weights.dtype and self.total == other.total
-                and np.array_equal(self.support, other.support) and np.array_equal(self.weights, other.weights))
-
-    __hash__ = None  # holds arrays: unhashable, like an ndarray
-
-    @property
-    def is_integer(self) -> bool:
-        return np.issubdtype(self.weights.dtype, np.integer)
-
-    def _position(self, token: int) -> int:
-        """Index of ``token`` in ``support``, or -1."""
-        i = int(np.searchsorted(self.support, token))
-        return i if i < self.support.size and self.support[i] == token else -1
-
-    def contains(self, token: int) -> bool:
-        """Whether ``token`` has positive probability (topk may carry entries of count 0)."""
-        i = self._position(token)
-        return i >= 0 and self.weights[i] > 0
-
-    def prob(self, token: int) -> float:
-        """``p~(token)``: ``weights[i] / total``, 0.0 off the support."""
-        i = self._position(token)
-        return float(self.weights[i] / self.total) if i >= 0 else 0.0
-
-    def dense(self, vocab_size: int) -> np.ndarray:
-        """``p~`` as float64 ``[V]``: exactly the array rejection sampling compares ``q`` against."""
-        if self.support[-1] >= vocab_size:
-            raise ValueError(f"support holds token {int(self.support[-1])} but vocab_size is {vocab_size}")
-        out = np.zeros(vocab_size, dtype=np.float64)  # [V]
-        out[self.support] = self.weights / self.total
-        return out
-
-    def sample(self, rng: np.random.Generator) -> int:
-        """One exact draw from ``p~`` (a zero-weight entry is never drawn).
-
-        Integer weights: ``r`` uniform on ``{0, ..., total-1}``, bucket ``i`` owns ``[cum[i-1], cum[i])``,
-        so the draw is exact. Float weights: ``u = random() * cum[-1]`` on the float64 cumsum; ``cum[-1]``
-        rather than ``total`` because the sequential cumsum and the pairwise ``sum`` may differ in the
-        last bit, and ``u`` must fall inside ``[0, cum[-1])``.
-        """
-        cum = np.cumsum(self.weights)  # [n]
-        if self.is_integer:
-            r = int(rng.integers(self.total))
-            return int(self.support[np.searchsorted(cum, r, side="right")])
-        u = rng.random() * cum[-1]
-        i = int(np.searchsorted(cum, u, side="right"))
-        if i >= cum.size:  # u rounded up to cum[-1]: it belongs to the last positive-weight bucket
-            i = int(np.flatnonzero(self.weights)[-1])
-        return int(self.support[i])
-
-
-# ----------------------------------------------------------------------------------------------------
-# compress: p -> p~
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_distribution(p) -> tuple[np.ndarray, float]:
-    """``p`` as float64 ``[V]`` and its sum; ValueError unless finite, non-negative, positive sum.
-
-    Two reductions instead of isfinite/any passes: ``min`` propagates NaN and ``sum`` propagates inf.
-    """
-    p = np.asarray(p, dtype=np.float64)
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"p must be a non-empty 1-D array [V], got shape {p.shape}")
-    if p.size > _MAX_VOCAB:
-        raise ValueError(f"vocabulary of {p.size} entries exceeds the codec limit of 2**32")
-    lowest = p.min()
-    total = float(p.sum())
-    if not lowest >= 0:
-        raise ValueError(f"p must be non-negative and free of NaN, got min {lowest}")
-    if not (math.isfinite(total) and total > 0):
-        raise ValueError(f"p must have a finite positive sum, got {total}")
-    return p, total
-
-
-def _top_entries(p: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``m`` largest *nonzero* entries of ``p``: ids int64 [m'] and values float64 [m'], m' <= m,
-    ordered by probability descending, then token id ascending.
-
-    ``argpartition`` is O(V) but picks arbitrarily among entries tied with the m-th largest value ``t``;
-    for reproducibility the tied slots go to the lowest ids, found by scanning ``p`` only up to the
-    highest tied id that argpartition picked. No full sort of ``V``.
-    """
-    vocab = p.size
-    m = min(m, vocab)
-    cand = np.argpartition(p, vocab - m)[vocab - m:]  # [m] ids of some m largest entries
-    cand_vals = p[cand]  # [m]
-    t = cand_vals.min()
-    if t == 0:
-        # Fewer than m nonzero entries: every nonzero entry is in cand (all others are <= t = 0).
-        ids = cand[cand_vals > 0]
-    else:
-        above = cand[cand_vals > t]  # every entry > t is in cand
-        n_ties = m - above.size
-        last_tie = int(cand[cand_vals == t].max())
-        ties = np.flatnonzero(p[: last_tie + 1] == t)[:n_ties]  # the lowest-id entries equal to t
-        ids = np.concatenate([above, ties])
-    vals = p[ids]
-    order = np.lexsort((ids, -vals))  # primary: value descending; secondary: id ascending
-    return ids[order].astype(np.int64, copy=False), vals[order]
-
-
-def quantize(vals: np.ndarray, total: int, raise_zeros: bool = True) -> np.ndarray:
-    """Integer counts int64 [n] summing to exactly ``total``, proportional to ``vals``; each >= 1 unless
-    ``raise_zeros`` is False (then entries may round to 0 and the caller drops them).
-
-    ``vals``: positive float64 [n], in rank order (probability descending, then id ascending); ties in
-    the rounding go to the earlier entry, so the result is deterministic. Largest-remainder rounding of
-    ``vals / sum(vals) * total``; then every entry that rounded to 0 is raised to 1 (an entry in the
-    support must be drawable, and rejection sampling divides by ``p~(x)``) and the excess is taken from
-    the largest counts, which suffer the least relative error. Requires ``n <= total``.
-    """
-    n = vals.size
-    if raise_zeros and n > total:
-        raise ValueError(f"cannot give {n} entries a count >= 1 out of {total}")
-    share = vals / vals.sum() * total  # [n] exact (real-valued) counts
-    counts = np.floor(share).astype(np.int64)  # [n]
-    short = total - int(counts.sum())  # units still to hand out, 0 <= short <= n up to rounding
-    counts += short // n  # only reached through float rounding; keeps the next line in range
-    short %= n
-    remainder_rank = np.argsort(-(share - np.floor(share)), kind="stable")  # [n] largest remainder first
-    counts[remainder_rank[:short]] += 1
-    zero = counts == 0  # [n]
-    deficit = int(zero.sum()) if raise_zeros else 0
-    if deficit:
-        counts[zero] = 1
-        for i in np.argsort(-counts, kind="stable"):  # largest count first; stops after one or two
-            take = min(deficit, int(counts[i]) - 1)
-            counts[i] -= take
-            deficit -= take
-            if deficit == 0:
-                break
-    return counts
-
-
-def _compress_float(p: np.ndarray, dtype: np.dtype) -> Compressed:
-    with np.errstate(over="ignore"):  # overflow is reported below, as a ValueError
-        values = p.astype(dtype)  # [V] the values that go on the wire
-    if not np.isfinite(values).all():
-        raise ValueError(f"p overflows {dtype.name}; pass a normalized distribution")
-    c = _compressed_from_floats(values)
-    if c is None:
-        raise ValueError(f"every entry of p underflows to 0 in {dtype.name}")
-    return c
-
-
-def _compressed_from_floats(values: np.ndarray) -> Compressed | None:
-    """``p~`` of a float vector [V] as sent on the wire (None when it is all zero).
-
-    Shared by compress and decode so that both compute the same support, weights and total: the total
-    is the sum of the nonzero weights, taken the same way on both sides.
-    """
-    support = np.flatnonzero(values)  # [n]
-    if support.size == 0:
-        return None
-    weights = values[support].astype(np.float64)  # [n] exact: float32/16 -> float64 is lossless
-    return Compressed(support, weights, float(weights.sum()))
-
-
-def _compressed_from_ranked(ids: np.ndarray, counts: np.ndarray, total: int) -> Compressed:
-    """Compressed from rank-ordered ids and counts: the wire wants the support ascending."""
-    order = np.argsort(ids)  # [n]
-    return Compressed(ids[order], counts[order], total)
-
-
-def _compress_topk(p: np.ndarray, spec: CodecSpec) -> Compressed:
-    ids, vals = _top_entries(p, spec.k)
-    # Fixed k on the wire (the CU-HLM-like baseline), but a share that rounds to 0 of 255 stays 0
-    # instead of being raised to 1: raising would give every one of the 30 entries at least 1/255 (0.4%),
-    # so a confident position would draw a near-impossible draft ~10% of the time, and a
-    # draft-independent policy skips exactly those confident positions. Zero-count entries are sent but
-    # are not in the support of p~ (never drawn, never verifiable). The top entry always keeps >= 1.
-    counts = quantize(vals, TOPK_TOTAL, raise_zeros=False)
-    return _compressed_from_ranked(ids, counts, TOPK_TOTAL)
-
-
-def _compress_adaptive(p: np.ndarray, p_sum: float, spec: CodecSpec) -> Compressed:
-    ids, vals = _top_entries(p, spec.k_max)  # [m] rank order, m <= k_max, zeros excluded
-    cum = np.cumsum(vals)  # [m]
-    # Smallest prefix reaching 1 - eps; when none does within k_max (or rounding keeps cum a hair short
-    # of p_sum with eps = 0), keep all m candidates.
-    n = min(int(np.searchsorted(cum, (1.0 - spec.eps) * p_sum, side="left")) + 1, ids.size)
-    total = 2**spec.bits
-    return _compressed_from_ranked(ids[:n], quantize(vals[:n], total), total)
-
-
-def compress(p: np.ndarray, spec: CodecSpec) -> Compressed:
-    """``p~`` of ``p`` (float [V], sums to 1, may hold zeros): exactly what ``decode(encode(.))`` returns.
-
-    The edge samples its draft from this result directly; encoding it does not change it.
-    """
-    p, p_sum = _check_distribution(p)
-    if spec.is_float:
-        return _compress_float(p, _FLOAT_DTYPES[spec.name])
-    if spec.name == "topk":
-        return _compress_topk(p, spec)
-    return _compress_adaptive(p, p_sum, spec)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,7 +118,7 @@ def encoded_size(n: int, spec: CodecSpec, vocab_size: int, indices: np.ndarray |
 
 
 def _check_vocab_size(vocab_size) -> None:
-    if not _is_int(vocab_size) or not 1 <= vocab_size <= _MAX_VOCAB:
+    if not is_int(vocab_size) or not 1 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size must be an integer in [1, 2**32], got {vocab_size!r}")
 
 
@@ -446,7 +143,7 @@ def _check_support(c: Compressed, spec: CodecSpec, vocab_size: int) -> None:
 
 
 def _encode_float(c: Compressed, spec: CodecSpec, vocab_size: int) -> bytes:
-    dtype = _FLOAT_DTYPES[spec.name]
+    dtype = FLOAT_DTYPES[spec.name]
     if c.is_integer:
         raise ValueError(f"{spec.name}: weights must be floats, got dtype {c.weights.dtype}")
     _check_support(c, spec, vocab_size)
@@ -526,7 +223,7 @@ _FLOAT_SUM_TOLERANCE = {"full32": 1e-4, "full16": 1e-2}
 
 
 def _decode_float(data: bytes, spec: CodecSpec, vocab_size: int) -> Compressed:
-    dtype = _FLOAT_DTYPES[spec.name]
+    dtype = FLOAT_DTYPES[spec.name]
     _check_length(data, dtype.itemsize * vocab_size, spec, f"{vocab_size} × {dtype.name}")
     values = np.frombuffer(data, dtype=dtype)  # [V]
     # One pass over the raw bits: a value is a valid probability iff its sign bit is clear (-0.0 is
@@ -538,7 +235,7 @@ def _decode_float(data: bytes, spec: CodecSpec, vocab_size: int) -> Compressed:
         if not np.isfinite(values[i]):
             raise _fail(spec, f"value at token {i} is {values[i]}; probabilities must be finite (no NaN/inf)")
         raise _fail(spec, f"value at token {i} is negative ({values[i]}); probabilities must be >= 0")
-    c = _compressed_from_floats(values)
+    c = from_float_values(values)
     if c is None:
         raise _fail(spec, "all values are zero; expected a positive sum")
     if abs(c.total - 1.0) > _FLOAT_SUM_TOLERANCE[spec.name]:

@@ -21,7 +21,7 @@ def _baselines(ax, rows, x_key):
             ax.axhline(_f(r, "accuracy"), color="red", ls="--", lw=1, label="SLM-only")
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -56,7 +56,7 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
         _baselines(ax, at_t, "transmission_rate")
         ax.set(xlabel="transmission rate", ylabel="task accuracy", title=f"accuracy vs transmission, T={temp:g}")
         ax.legend(fontsize=7)
-        written.append(_save(fig, out / f"accuracy_vs_tr_T{temp:g}.png"))
+        written.append(save_figure(fig, out / f"accuracy_vs_tr_T{temp:g}.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         by_codec = defaultdict(list)
@@ -70,5 +70,5 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
         ax.set(xlabel="uplink bytes per generated token (log)", ylabel="task accuracy",
                title=f"accuracy vs uplink bytes, T={temp:g}")
         ax.legend(fontsize=7)
-        written.append(_save(fig, out / f"accuracy_vs_bytes_T{temp:g}.png"))
+        written.append(save_figure(fig, out / f"accuracy_vs_bytes_T{temp:g}.png"))
     return written

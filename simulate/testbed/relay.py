@@ -11,7 +11,7 @@ the relay terminates TCP, so the edge's TCP sees the veth's sub-millisecond RTT,
 (congestion-window growth is faster than on a real long path; HTTP/2 flow control, which is end to end,
 does see the full RTT).
 
-    python -m simulate.relay --listen 10.0.0.2:7000 --target 127.0.0.1:50051 --delay 0.01
+    python -m simulate.testbed.relay --listen 10.0.0.2:7000 --target 127.0.0.1:50051 --delay 0.01
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import argparse
 import asyncio
 import collections
 import time
+
+from core.cli import listen_address
 
 READY_PREFIX = "relay listening on "
 
@@ -78,18 +80,11 @@ async def serve(listen: tuple[str, int], target: tuple[str, int], delay: float) 
         await server.serve_forever()
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text}")
-    return host, int(port)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulate.relay", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m simulate.testbed.relay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", type=_address, required=True, help="HOST:PORT to accept on (port 0 = any)")
-    parser.add_argument("--target", type=_address, required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--listen", type=listen_address, required=True, help="HOST:PORT to accept on (port 0 = any)")
+    parser.add_argument("--target", type=listen_address, required=True, help="HOST:PORT to forward to")
     parser.add_argument("--delay", type=float, required=True, help="one-way delay in seconds, each direction")
     args = parser.parse_args(argv)
     if not 0 <= args.delay < 10:

@@ -2,10 +2,10 @@
 simulator's prediction for the same trace and link, compared point by point.
 
 Per point (uplink rate R, round trip RTT):
-1. ``tc tbf`` shapes the edge's veth egress to R (``simulate/netns.py``); the downlink is the bare veth.
-2. A delay relay (``simulate/relay.py``) in the cloud namespace holds every byte RTT/2 each way, in front
+1. ``tc tbf`` shapes the edge's veth egress to R (``simulate/testbed/netns.py``); the downlink is the bare veth.
+2. A delay relay (``simulate/testbed/relay.py``) in the cloud namespace holds every byte RTT/2 each way, in front
    of the verifier (``python -m cloud serve`` on the cloud namespace's loopback).
-3. The real edge (``simulate/edge_run.py``) runs held-out problems in the edge namespace and writes its
+3. The real edge (``simulate/testbed/edge_run.py``) runs held-out problems in the edge namespace and writes its
    trace and per-generation wall times (Open handshake included), after one unrecorded warm-up
    generation (gRPC connection, HTTP/2 flow-control windows growing by BDP probing, the verifier's first
    forward passes: one-time costs the simulator does not model).
@@ -22,58 +22,18 @@ Per point (uplink rate R, round trip RTT):
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from core.process import ROOT, ChildProcess, VerifierProcess, project_env
 from simulate.config import LinkConfig, SimConfig
 from simulate.engine import simulate
-from simulate.netns import CLOUD_IP, Testbed, unavailable_reason
+from simulate.testbed.netns import CLOUD_IP, Testbed, unavailable_reason
 from simulate.trace import load_trace
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Child:
-    """A subprocess that prints one ready line with its address; stopped on exit."""
-
-    def __init__(self, cmd: list[str], ready_prefix: str, timeout: float = 180.0):
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self._err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._err, text=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith(ready_prefix):
-                self.address = line[len(ready_prefix):].strip()
-                return
-            if not line and self.proc.poll() is not None:
-                self._err.seek(0)
-                raise RuntimeError(f"{shlex.join(cmd[:8])} exited: {self._err.read()[-1500:]}")
-        self.stop()
-        raise TimeoutError(f"{shlex.join(cmd[:8])} not ready within {timeout:g} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
 
 def predict(trace_path: Path, rate_bps: float, rtt_s: float, rpc_overhead_s: float) -> dict:
     """The simulator's figures for one device replaying ``trace_path`` over the testbed's link."""
@@ -99,17 +59,16 @@ def measured(trace_path: Path, timing_path: Path) -> dict:
 def run_edge(bed: Testbed, verifier_port: str, model: Path, rtt_s: float, policy: str, problems: int,
              threshold: float, out: Path, tag: str) -> tuple[Path, Path]:
     """The real edge through the relay (RTT/2 each way) under the link's current shaping."""
-    from simulate.relay import READY_PREFIX
+    from simulate.testbed.relay import READY_PREFIX
 
     trace_path, timing_path = out / f"{tag}.jsonl", out / f"{tag}.timing.json"
-    relay_cmd = [*bed.prefix(bed.cloud_ns), sys.executable, "-m", "simulate.relay", "--listen", f"{CLOUD_IP}:0",
+    relay_cmd = [*bed.prefix(bed.cloud_ns), sys.executable, "-m", "simulate.testbed.relay", "--listen", f"{CLOUD_IP}:0",
                  "--target", f"127.0.0.1:{verifier_port}", "--delay", str(rtt_s / 2)]
-    with _Child(relay_cmd, READY_PREFIX, timeout=60) as relay:
-        edge_cmd = [*bed.prefix(bed.edge_ns), sys.executable, "-m", "simulate.edge_run", "--model", str(model),
+    with ChildProcess(relay_cmd, READY_PREFIX, timeout=60) as relay:
+        edge_cmd = [*bed.prefix(bed.edge_ns), sys.executable, "-m", "simulate.testbed.edge_run", "--model", str(model),
                     "--verifier", relay.address, "--policy", policy, "--threshold", str(threshold),
                     "--problems", str(problems), "--trace", str(trace_path), "--timing", str(timing_path)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run(edge_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(edge_cmd, cwd=ROOT, env=project_env(), capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"edge run failed ({done.returncode}): {done.stderr[-1500:]}")
     return trace_path, timing_path
@@ -140,29 +99,26 @@ def run_validation(rates_bps: list[float], rtt_s: float, policy: str = "hlm", pr
                    threshold: float = 0.06, out: Path = Path("reports/sim/validation"),
                    model: Path | None = None) -> dict:
     """Every point on one testbed and one verifier process; raises RuntimeError if the testbed fails."""
-    from cloud.launch import READY_PREFIX
-    from demo.__main__ import BUILD, ensure_export
-    from models.demo_pair import COMMITTED_PAIR
+    from eval.pair import LLM_DIR, ensure_export
     from tqdm import tqdm
 
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(reason)
-    model = (model or ensure_export(COMMITTED_PAIR / "slm", BUILD / "slm-onnx")).resolve()
+    model = (model or ensure_export()).resolve()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     points = []
     with Testbed() as bed:
-        serve = [*bed.prefix(bed.cloud_ns), sys.executable, "-m", "cloud", "serve", "--model",
-                 str(COMMITTED_PAIR / "llm"), "--host", "127.0.0.1", "--port", "0"]
-        with _Child(serve, READY_PREFIX) as verifier:
+        with VerifierProcess(str(LLM_DIR), prefix=tuple(bed.prefix(bed.cloud_ns)),
+                             startup_timeout=180) as verifier:
             port = verifier.address.rpartition(":")[2]
             overhead = testbed_overhead(bed, port, model, policy, problems, threshold, out)
             for rate in tqdm(rates_bps, desc="validation", unit="point"):
                 points.append(run_point(bed, port, model, rate, rtt_s, policy, problems, threshold, out, overhead))
     report = {"points": points, "max_error": max(p["max_error"] for p in points), "rpc_overhead_s": overhead,
               "method": "tbf uplink shaping on a veth between two netns; RTT from a userspace delay relay "
-                        "(simulate/relay.py); simulator replays each point's own trace",
+                        "(simulate/testbed/relay.py); simulator replays each point's own trace",
               "command": shlex.join(["python", "-m", "simulate", "validate", *sys.argv[2:]])
               if sys.argv[1:2] == ["validate"] else None}
     (out / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -182,7 +138,7 @@ def format_report(report: dict) -> str:
 
 
 def main_validate(args) -> int:
-    from edge.cli_errors import UserError
+    from core.cli import UserError
 
     reason = unavailable_reason()
     if reason:

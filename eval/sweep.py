@@ -18,11 +18,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge.hybrid import HybridConfig
-from edge.sampling import SamplingSettings
-from edge.taskeval import Runner, summarize
+from core.sampling import SamplingSettings
+from eval.taskeval import Runner, summarize
 from edge.uncertainty import ESTIMATORS
 from models.task import MAX_SOLUTION_TOKENS, held_out_problems
-from proto.codec import CODEC_NAMES, CodecSpec
+from proto.distribution import CODEC_NAMES, CodecSpec
 
 COLUMNS = ["temperature", "estimator", "codec", "u_th", "accuracy", "retention", "transmission_rate",
            "acceptance_rate", "uplink_bytes_per_token", "tokens_per_s", "problems", "seed"]

@@ -1,0 +1,111 @@
+"""Command line of `python -m eval`: calibration and the accuracy–transmission frontier sweep.
+
+Both run held-out task problems through the real edge loop against a real verifier (started locally from
+the sweep config's ``verifier_model`` when no address is given).
+"""
+
+from __future__ import annotations
+
+from core.cli import OneLineParser, UserError, address, non_negative_float, positive_int, run_cli
+from edge.calibration import save_calibration
+from edge.manifest import ModelFolderError
+from edge.runtime import PROVIDER_ALIASES
+from proto.distribution import CODEC_NAMES
+
+
+def _calibrate(args) -> int:
+    from edge.client import VerifierError, connect
+    from edge.model import EdgeModel
+    from core.sampling import SamplingSettings
+    from eval.taskeval import Runner, load_prompts, run_calibration
+    from proto.distribution import CodecSpec
+
+    cal_prompts, test_prompts = load_prompts(args.prompts, args.n, args.n_test)
+    model = EdgeModel(args.model, providers=args.provider)
+    settings = SamplingSettings(temperature=args.temperature)
+    try:
+        channel = connect(args.verifier, timeout=args.timeout)
+        data = run_calibration(Runner(model, channel, settings, args.seed), cal_prompts, test_prompts,
+                               CodecSpec(args.codec), args.max_new_tokens, args.target, args.tolerated)
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    save_calibration(args.out, data)
+    print(f"{'estimator':<13} {'a':>7} {'b':>7} {'r2':>5}  {'rule':<9} {'u_th':>9} {'test TR':>7} "
+          f"{'pred beta':>9} {'meas beta':>9}")
+    for name, fit in data["fits"].items():
+        for rule, t in data["test"][name].items():
+            print(f"{name:<13} {fit['a']:>7.3f} {fit['b']:>7.3f} {fit['r2']:>5.2f}  {rule:<9} {t['threshold']:>9.4g} "
+                  f"{t['transmission_rate']:>7.3f} {t['predicted_skipped_beta']:>9.4f} {t['measured_skipped_beta']:>9.4f}")
+    print(f"wrote {args.out} ({data['n_calibration_tokens']} calibration tokens, {data['n_test_tokens']} test tokens)")
+    return 0
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from edge.client import VerifierError, connect
+    from edge.model import EdgeModel
+    from eval.sweep import load_config
+    from eval.plots import plot_frontier
+
+    config = load_config(args.config)
+    out = Path(args.out)
+    model = EdgeModel(config.model, providers=args.provider)
+    try:
+        if config.verifier:
+            rows = _sweep_with(config, out, model, connect(config.verifier, timeout=args.timeout))
+        else:
+            from core.process import VerifierProcess
+
+            with VerifierProcess(config.verifier_model) as verifier:
+                rows = _sweep_with(config, out, model, connect(verifier.address, timeout=args.timeout))
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    for path in plot_frontier(rows, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'frontier.csv'} ({len(rows)} points)")
+    return 0
+
+
+def _sweep_with(config, out, model, channel):
+    from core.sampling import SamplingSettings
+    from eval.sweep import run_sweep
+    from eval.taskeval import Runner
+
+    try:
+        return run_sweep(config, out, Runner(model, channel, SamplingSettings(), config.seed))
+    finally:
+        channel.close()
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m eval", description="Experiment harness: calibration and frontier sweeps.")
+    sub = parser.add_subparsers()
+    p = sub.add_parser("calibrate", help="fit uncertainty -> rejection on verify-all runs and pick thresholds")
+    p.add_argument("--model", required=True, help="ONNX export folder of the edge model")
+    p.add_argument("--verifier", required=True, type=address, help="HOST:PORT of the verifier")
+    p.add_argument("--prompts", required=True, help="'demo' (task problems) or a file with one prompt per line")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--n", type=positive_int, default=60, help="calibration prompts")
+    p.add_argument("--n-test", type=positive_int, default=60, help="disjoint test prompts (checks the prediction)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--codec", default="full32", choices=CODEC_NAMES, help="p~ used for beta (full32 = p itself)")
+    p.add_argument("--target", type=non_negative_float, default=0.005,
+                   help="empirical rule: tolerated mean rejection probability of skipped tokens")
+    p.add_argument("--tolerated", type=non_negative_float, default=0.1, help="risk-prone rule's tolerated beta")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
+    p.add_argument("--timeout", type=non_negative_float, default=30.0)
+    p.set_defaults(func=_calibrate)
+    p = sub.add_parser("sweep", help="accuracy-transmission frontier over thresholds x estimators x codecs")
+    p.add_argument("--config", required=True, help="sweep config JSON (see README)")
+    p.add_argument("--out", required=True, help="output folder: frontier.csv and PNG plots (resumable)")
+    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
+    p.add_argument("--timeout", type=non_negative_float, default=30.0)
+    p.set_defaults(func=_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv, user_errors=(ModelFolderError, ValueError))

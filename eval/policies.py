@@ -1,0 +1,83 @@
+"""The one table of collaboration policies: every configuration the project measures is one row here.
+
+A policy says where tokens come from (``route``), how the edge decides to send (estimator, threshold)
+and what it sends (codec). Thresholds are either fixed numbers or a calibration rule applied to the
+policy's own estimator (``averse``: U-HLM's -b/a; ``empirical``: the largest u_th whose skipped tokens'
+mean rejection stays under the target). ``make demo``, ``python -m simulate record``, the testbed's
+edge and the tests all read this table; none keeps a list of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from core.sampling import SamplingSettings
+from edge.hybrid import HybridConfig
+from edge.uncertainty import DEFAULT_ESTIMATOR
+from models.task import MAX_SOLUTION_TOKENS
+from proto.distribution import CodecSpec
+
+LOCAL, HYBRID, GENERATE = "local", "hybrid", "generate"  # routes: SLM alone, SLM + verifier, LLM alone
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    route: str
+    summary: str
+    estimator: str = DEFAULT_ESTIMATOR
+    codec: str = "adaptive"
+    threshold: float | str = math.inf  # a number, or a calibration rule name ("averse", "empirical")
+    exact: bool = True  # verified tokens follow the LLM exactly; False = draft-dependent sending (biased)
+
+    @property
+    def calibrated(self) -> bool:
+        return isinstance(self.threshold, str)
+
+    def threshold_from(self, fits: dict | None) -> float:
+        """The policy's u_th: its fixed number, or its rule read from calibration ``fits`` (per estimator)."""
+        if not self.calibrated:
+            return float(self.threshold)
+        if fits is None:
+            raise ValueError(f"policy {self.name!r} needs calibration fits for its {self.threshold} threshold")
+        return float(fits[self.estimator][self.threshold])
+
+    def config(self, settings: SamplingSettings, threshold: float,
+               max_new_tokens: int = MAX_SOLUTION_TOKENS) -> HybridConfig:
+        """The edge loop's configuration for this policy (not for the ``generate`` route)."""
+        if self.route == GENERATE:
+            raise ValueError(f"policy {self.name!r} runs on the verifier (Generate), not in the edge loop")
+        return HybridConfig(threshold=threshold, estimator=self.estimator, codec=CodecSpec(self.codec),
+                            settings=settings, max_new_tokens=max_new_tokens)
+
+    def at(self, threshold: float) -> Policy:
+        """The same policy at a fixed threshold, named ``name@u_th`` (threshold sweeps)."""
+        return replace(self, name=f"{self.name}@{threshold:g}", threshold=float(threshold))
+
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (
+    Policy("slm-only", LOCAL, "the SLM alone: nothing is sent", codec="full32"),
+    Policy("llm-only", GENERATE, "the verifier generates every token (Generate, cloud-only)"),
+    Policy("hlm", HYBRID, "HLM: verify every token, full float32 distribution", codec="full32",
+           threshold=-math.inf),
+    Policy("u-hlm", HYBRID, "U-HLM: K=20 perturbed samples vs the draft, full32, risk-averse threshold",
+           estimator="uhlm", codec="full32", threshold="averse", exact=False),
+    Policy("cu-hlm", HYBRID, "CU-HLM-like: U-HLM's rule, top-30 with 8-bit counts", estimator="uhlm",
+           codec="topk", threshold="averse", exact=False),
+    Policy("default", HYBRID, "this project: 1 - max p (draft-independent), adaptive codec, empirical threshold",
+           estimator=DEFAULT_ESTIMATOR, codec="adaptive", threshold="empirical"),
+)}
+
+
+def get_policy(name: str) -> Policy:
+    """A policy by name; ``NAME@U`` is policy NAME at the fixed threshold U (e.g. ``default@0.06``)."""
+    base, _, at = name.partition("@")
+    if base not in POLICIES:
+        raise ValueError(f"unknown policy {base!r}; known: {', '.join(POLICIES)}")
+    if not at:
+        return POLICIES[base]
+    try:
+        return POLICIES[base].at(float(at))
+    except ValueError:
+        raise ValueError(f"policy {name!r}: the part after @ must be a threshold, e.g. default@0.06") from None

@@ -1,0 +1,151 @@
+"""Run task problems through one configuration and aggregate the report quantities.
+
+One implementation of "run problems through the hybrid loop" (``Runner.hybrid``) and of how accuracy,
+transmission rate, acceptance rate, uplink bytes per token and tokens/s are computed (the names every
+report uses), for ``make demo``, ``python -m eval calibrate|sweep``, ``python -m simulate record`` and the
+testbed's edge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from tqdm import tqdm
+
+from core.sampling import SamplingSettings
+from edge.calibration import check_on_test, estimator_data, fit_estimators
+from edge.client import VerifierSession, generate_remote
+from edge.hybrid import HybridConfig, HybridResult, generate_hybrid
+from edge.model import EdgeModel
+from eval.policies import GENERATE, LOCAL, Policy
+from models.task import MAX_SOLUTION_TOKENS, Problem, held_out_problems, is_correct, sample_problems
+from proto import trace as tr
+
+CALIBRATION_SEED = 777  # training-split problems for calibration (held-out problems are for testing)
+
+
+@dataclass
+class ProblemRun:
+    """One problem through the edge loop: its result and the wall time of the whole call (Open included)."""
+
+    problem: object
+    result: HybridResult
+    wall_s: float
+
+
+class Runner:
+    """Runs problems through one configuration against one verifier channel, and aggregates.
+
+    Problem ``i`` of a run uses seed ``seed + i`` (``first_index`` shifts ``i`` when a run is split, e.g.
+    into unrecorded warm-up problems and recorded ones), so the same problem gets the same tokens in any
+    tool that runs it.
+    """
+
+    def __init__(self, model: EdgeModel, channel, settings: SamplingSettings, seed: int, timeout: float = 30.0):
+        self.model, self.channel, self.settings, self.seed, self.timeout = model, channel, settings, seed, timeout
+
+    def session_opener(self, seed: int, report_q: bool = False):
+        def open_session(prompt_ids, settings, codec):
+            return VerifierSession(self.channel, self.model.manifest.fingerprint, prompt_ids, settings, codec,
+                                   seed=seed, report_target_prob=report_q, timeout=self.timeout)
+        return open_session
+
+    def hybrid(self, name: str, config: HybridConfig, problems, verify: bool = True, report_q: bool = False,
+               trace: TextIO | None = None, first_index: int = 0, progress: bool = True) -> list[ProblemRun]:
+        """Every problem through ``generate_hybrid``; with ``trace``, each generation's lines and a task line."""
+        runs = []
+        for i, problem in enumerate(tqdm(problems, desc=name, unit="problem", leave=False, disable=not progress),
+                                    first_index):
+            seed = self.seed + i
+            t0 = time.perf_counter()
+            result = generate_hybrid(self.model, self.model.encode(problem.prompt), config, seed=seed,
+                                     open_session=self.session_opener(seed, report_q) if verify else None,
+                                     trace=trace)
+            runs.append(ProblemRun(problem, result, time.perf_counter() - t0))
+            if trace is not None and isinstance(problem, Problem):
+                tr.write_task(trace, is_correct(problem, result.text))
+        return runs
+
+    def policy(self, policy: Policy, problems, threshold: float, trace: TextIO | None = None) -> dict:
+        """One row of a report: ``policy`` at ``threshold`` over ``problems``."""
+        if policy.route == GENERATE:
+            return self.llm_only(problems)
+        config = policy.config(self.settings, threshold)
+        return summarize(policy.name, self.hybrid(policy.name, config, problems, verify=policy.route != LOCAL,
+                                                  trace=trace))
+
+    def llm_only(self, problems):
+        correct = tokens = up = 0
+        seconds = 0.0
+        for i, problem in enumerate(tqdm(problems, desc="llm-only", unit="problem", leave=False)):
+            t0 = time.perf_counter()
+            ids, req_bytes, _ = generate_remote(self.channel, self.model.manifest.fingerprint,
+                                                self.model.encode(problem.prompt), self.settings,
+                                                MAX_SOLUTION_TOKENS, sorted(self.model.eos_ids), seed=self.seed + i)
+            seconds += time.perf_counter() - t0
+            correct += is_correct(problem, self.model.decode(ids))
+            tokens, up = tokens + len(ids), up + req_bytes
+        return {"config": "llm-only", "accuracy": correct / len(problems), "transmission_rate": 1.0,
+                "acceptance_rate": None, "uplink_bytes_per_token": up / tokens, "tokens_per_s": tokens / seconds}
+
+
+def summarize(name: str, runs: list[ProblemRun]) -> dict:
+    records = [r for run in runs for r in run.result.records]
+    sent = [r for r in records if r.sent]
+    tokens = sum(len(run.result.token_ids) for run in runs)
+    return {
+        "config": name,
+        "accuracy": sum(is_correct(run.problem, run.result.text) for run in runs) / len(runs),
+        "transmission_rate": len(sent) / len(records),
+        "acceptance_rate": (sum(bool(r.accepted) for r in sent) / len(sent)) if sent else None,
+        "uplink_bytes_per_token": sum(run.result.uplink_bytes for run in runs) / tokens,
+        "tokens_per_s": tokens / sum(run.result.seconds for run in runs),
+    }
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt without a checkable answer (calibration from a user's prompt file)."""
+
+    prompt: str
+
+
+def load_prompts(source: str, n_calibration: int, n_test: int) -> tuple[list, list]:
+    """Calibration and test prompts, disjoint: ``demo`` = training-split vs held-out task problems;
+    a file = one prompt per line, the first two thirds for calibration and the rest for testing."""
+    if source == "demo":
+        return sample_problems(n_calibration, "train", seed=CALIBRATION_SEED), held_out_problems(n_test)
+    try:
+        lines = [line.strip() for line in open(source, encoding="utf-8") if line.strip()]
+    except OSError as exc:
+        raise ValueError(f"cannot read prompts file {source}: {exc.strerror}") from None
+    if len(lines) < 3:
+        raise ValueError(f"{source} holds {len(lines)} prompts; calibration needs at least 3 (one per line)")
+    cut = max(1, (2 * len(lines)) // 3)
+    return [Prompt(p) for p in lines[:cut][:n_calibration]], [Prompt(p) for p in lines[cut:][:n_test]]
+
+
+def run_calibration(runner: Runner, cal_prompts, test_prompts, codec, max_new_tokens: int, target: float,
+                    tolerated: float) -> dict:
+    """Verify-all on both prompt sets (the verifier reports q(x)); fit on one, check on the other."""
+    config = HybridConfig(threshold=float("-inf"), codec=codec, settings=runner.settings,
+                          max_new_tokens=max_new_tokens, record_all_estimators=True)
+    records = {}
+    for name, prompts in (("calibration", cal_prompts), ("test", test_prompts)):
+        runs = runner.hybrid(name, config, prompts, report_q=True)
+        records[name] = [r for run in runs for r in run.result.records]
+    b, us = estimator_data(records["calibration"])
+    fits = fit_estimators(b, us, target, tolerated)
+    tb, tus = estimator_data(records["test"])
+    s = runner.settings
+    return {
+        "fingerprint": runner.model.manifest.fingerprint,
+        "settings": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p},
+        "codec": codec.name, "target": target, "tolerated": tolerated,
+        "n_calibration_tokens": len(b), "n_test_tokens": len(tb),
+        "beta_source": "the verifier reports q(x) (Open.report_target_prob); the edge computes beta",
+        "fits": fits, "test": check_on_test(fits, tb, tus),
+        "beta": b.tolist(), "u": {n: u.tolist() for n, u in us.items()},
+    }
