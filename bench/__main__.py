@@ -7,25 +7,25 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import edge_decode, quality, sim, uncertainty_cost
+from bench import decode_models, edge_decode, quality, report, sim, uncertainty_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--out", type=Path, default=edge_decode.DEFAULT_OUT, help="JSON report (merged into)")
+    parser.add_argument("--out", type=Path, default=report.DEFAULT_OUT, help="JSON report (merged into)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per run (>= 2)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both ORT and PyTorch")
     parser.add_argument(
         "--slm",
         type=Path,
-        default=edge_decode.DEFAULT_SLM_DIR,
+        default=decode_models.DEFAULT_SLM_DIR,
         help="demo SLM transformers folder (its tokenizer is also the 50M model's)",
     )
     parser.add_argument(
         "--cache",
         type=Path,
-        default=edge_decode.DEFAULT_CACHE_DIR,
+        default=decode_models.DEFAULT_CACHE_DIR,
         help="where the 50M model and the ONNX exports are built once and reused",
     )
     parser.add_argument("--skip-quality", action="store_true",
@@ -43,15 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench: error: need --repeats >= 1, --tokens >= 2, --threads >= 1", file=sys.stderr)
         return 2
     try:
-        models = edge_decode.prepare_default_models(args.slm, args.cache)
+        models = decode_models.prepare_default_models(args.slm, args.cache)
     except FileNotFoundError as exc:
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "-m", "bench", *argv])
     section = edge_decode.run(models, args.repeats, args.tokens, args.threads, command)
     section["uncertainty_cost"] = uncertainty_cost.measure(models, section, args.threads)
-    edge_decode.merge_report(args.out, "edge", section)
-    print(edge_decode.format_table(section))
+    report.merge_report(args.out, "edge", section)
+    print(report.format_table(section))
     print(uncertainty_cost.format_table(section["uncertainty_cost"]))
     print(f"\nwrote {args.out} (section 'edge')")
     if not args.skip_quality:
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_export()  # the config's edge model
         section = quality.run()
-        edge_decode.merge_report(args.out, "quality", section)
+        report.merge_report(args.out, "quality", section)
         print(quality.format_table(section))
         print(f"wrote {args.out} (section 'quality')")
     if not args.skip_sim:
         section = sim.run(skip_validation=args.skip_validation)
-        edge_decode.merge_report(args.out, "sim", section)
+        report.merge_report(args.out, "sim", section)
         print(sim.format_table(section))
         print(f"wrote {args.out} (section 'sim')")
     return 0

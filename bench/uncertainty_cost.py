@@ -13,7 +13,7 @@ GOAL_SHARE = 0.05
 
 def measure(bench_models, edge_section: dict, threads: int) -> dict:
     """{model: {estimator: {"us": median µs per call, "share_of_step": cost / decode step}}} (fp32 rows)."""
-    from bench.edge_decode import PROMPT
+    from bench.decode_timing import PROMPT
     from edge.model import EdgeModel
 
     steps = {r["model"]: (r["forward_ms_per_token"] + r["other_ms_per_token"]) / 1e3

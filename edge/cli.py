@@ -8,12 +8,11 @@ import math
 from core.cli import (OneLineParser, UserError, addresses, non_negative_float, positive_int, positive_seconds,
                       run_cli, threshold, unit_interval)
 from edge.calibration import load_calibration, threshold_for
+from edge.hybrid import DEFAULT_THRESHOLD
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS
 from proto.distribution import CODEC_NAMES
-
-DEFAULT_THRESHOLD = 0.05  # replaced by a calibrated value with --calibration (issue 4)
 
 
 def _local(args, model, settings) -> dict:
@@ -130,7 +129,8 @@ def build_parser() -> OneLineParser:
                    help="HOST:PORT of `python -m cloud serve` (several, comma-separated: replicas to fail over "
                         "to); omit for SLM-only")
     h.add_argument("--threshold", type=threshold, default=DEFAULT_THRESHOLD,
-                   help="send a token iff its uncertainty u > this; -inf = verify all (HLM), inf = never")
+                   help=f"send a token iff its uncertainty u > this (default {DEFAULT_THRESHOLD}, for max-prob); "
+                        "-inf = verify all (HLM), inf = never")
     h.add_argument("--uncertainty", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
                    help=f"uncertainty estimator (default {DEFAULT_ESTIMATOR}; uhlm is U-HLM's, draft-dependent)")
     h.add_argument("--samples", type=positive_int, default=20, help="K for the perturbation estimators")

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from bench import edge_decode
+from bench import decode_models, edge_decode, report
 
 REQUIRED_KEYS = ("onnx_tok_s", "torch_tok_s", "speedup", "loop_overhead")
 ROW_KEYS = ("onnx_tok_s", "torch_tok_s", "speedup", "forward_ms_per_token", "other_ms_per_token")
@@ -35,8 +35,8 @@ def _synthetic_tokenizer(folder: Path) -> Path:
 
 def _tokenizer_source(tmp_path: Path) -> Path:
     """The demo tokenizer when the demo pair exists (as the issue asks), else a synthetic stand-in."""
-    if (edge_decode.DEFAULT_SLM_DIR / "tokenizer.json").is_file():
-        return edge_decode.DEFAULT_SLM_DIR
+    if (decode_models.DEFAULT_SLM_DIR / "tokenizer.json").is_file():
+        return decode_models.DEFAULT_SLM_DIR
     return _synthetic_tokenizer(tmp_path / "tokenizer")
 
 
@@ -46,16 +46,16 @@ def _positive(x) -> bool:
 
 def run_smoke(tokenizer_source: Path, tmp_path: Path) -> dict:
     """Build, export (fp32 + int8), measure with 1 repeat and 4 tokens, and merge into a report."""
-    config = edge_decode.small_llama_config(tokenizer_source, hidden=32, layers=1, heads=2, intermediate=64)
-    hf_dir = edge_decode.build_random_llama(config, tmp_path / "cache" / "tiny", tokenizer_source)
-    model = edge_decode.prepare_model("tiny", hf_dir, tmp_path / "cache")
+    config = decode_models.small_llama_config(tokenizer_source, hidden=32, layers=1, heads=2, intermediate=64)
+    hf_dir = decode_models.build_random_llama(config, tmp_path / "cache" / "tiny", tokenizer_source)
+    model = decode_models.prepare_model("tiny", hf_dir, tmp_path / "cache")
     section = edge_decode.run(
         [model], repeats=1, n_tokens=4, threads=1, command="pytest", headline=("tiny", "fp32")
     )
     out = tmp_path / "bench.json"
     out.write_text(json.dumps({"cloud": {"kept": True}}))  # a later issue's section must survive
-    edge_decode.merge_report(out, "edge", section)
-    assert "speedup" in edge_decode.format_table(section)
+    report.merge_report(out, "edge", section)
+    assert "speedup" in report.format_table(section)
     return json.loads(out.read_text())
 
 
