@@ -20,7 +20,7 @@ recovered token
     The replacement after a rejection, drawn from the residual ``norm(max(0, q - p~))``: exactly the
     mass that ``q`` puts where the draft distribution under-proposes. Accepted-or-recovered is then
     distributed exactly as ``q`` (Leviathan et al. 2023, Chen et al. 2023), provided ``x`` is an unbiased
-    draw from ``p~`` -- see DESIGN.md on draft-dependent send decisions.
+    draw from ``p~`` -- see docs/design.md, "Exactness", on draft-dependent send decisions.
 
 Greedy sessions (temperature 0) use the deterministic rule: accept iff ``x == argmax q``, else the
 recovered token is ``argmax q`` (first index on ties, as ``np.argmax``). It consumes no random numbers.

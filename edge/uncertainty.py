@@ -11,7 +11,7 @@ Estimators (registry ``ESTIMATORS``):
   softmax(logits / theta_k), theta_k ~ U(0, 2]; u = share of samples that differ from the *draft*.
   Kept as the paper's baseline. It is **draft-dependent**: the send decision then depends on the drawn
   draft, the sent drafts are a biased sample of p~, and verified positions are no longer exactly q
-  (DESIGN.md, "The per-token protocol"; tests/test_mixture.py shows it).
+  (docs/design.md, "Exactness"; tests/test_mixture.py shows it).
 - ``perturb-mode``: the same perturbation compared with the mode (argmax of the logits): draft-independent.
 - ``entropy``: Shannon entropy of softmax(logits) divided by log(V).
 - ``max-prob``: 1 - max softmax(logits).
@@ -148,8 +148,8 @@ ESTIMATORS: dict[str, Estimator] = {
     name: _make(name) for name in ("uhlm", "perturb-mode", "entropy", "max-prob", "margin")
 }
 
-# A draft-independent default keeps verified positions exact. Issue 4's calibration / frontier measurement
-# will choose the best estimator; until then 1 - max prob is the cheapest (one exp pass over V).
+# A draft-independent default keeps verified positions exact; 1 - max p is also the cheapest (one exp pass
+# over V). Its threshold comes from the demo pair's measured frontier (README, "Measured frontier").
 DEFAULT_ESTIMATOR = "max-prob"
 
 

@@ -1,4 +1,4 @@
-"""The figures one run reports (names as in DESIGN.md: tokens/s per device and aggregate, bytes per token).
+"""The figures one run reports (names as in docs/design.md: tokens/s per device and aggregate, bytes/token).
 
 - ``tokens_per_s``: all devices' tokens / makespan (first start to last finish);
   ``tokens_per_s_device_p50`` / ``_mean``: per device, its tokens / its own busy span.
