@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class HybridConfig:
     record_all_estimators: bool = False  # calibration: compute every estimator's u at every position
 
 
+@runtime_checkable
 class Verifier(Protocol):
     """What the loop needs from a verifier session (``VerifierSession``, ``ResilientSession``)."""
 

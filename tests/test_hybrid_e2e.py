@@ -13,7 +13,7 @@ from scipy.stats import chisquare
 
 from core.process import VerifierProcess
 from edge.client import VerifierError, VerifierSession, connect, generate_remote
-from edge.hybrid import HybridConfig, generate_hybrid
+from edge.hybrid import HybridConfig, Verifier, generate_hybrid
 from edge.model import EdgeModel
 from core.sampling import SamplingSettings, probabilities
 from proto.distribution import CodecSpec, compress
@@ -100,6 +100,7 @@ def test_infinite_threshold_equals_slm_only_and_sends_nothing(channel, edge_mode
 
     def open_session(prompt_ids, settings, codec):
         session = _opener(channel, edge_model)(prompt_ids, settings, codec)
+        assert isinstance(session, Verifier)  # the loop's protocol, satisfied by the plain session
         opened.append(session.uplink_bytes)  # bytes of the Open message
         return session
 

@@ -14,7 +14,7 @@ import pytest
 
 from core.process import VerifierProcess
 from edge.client import VerifierError
-from edge.hybrid import HybridConfig, generate_hybrid
+from edge.hybrid import HybridConfig, Verifier, generate_hybrid
 from edge.model import EdgeModel
 from edge.resilient import CloudLost, Failover, ResilientSession
 from core.sampling import SamplingSettings
@@ -63,6 +63,7 @@ def _run(model, failover, wrap=None):
         return wrap(sessions[-1]) if wrap else sessions[-1]
 
     result = generate_hybrid(model, model.encode(PROMPT), CONFIG, seed=SEED, open_session=open_session)
+    assert isinstance(sessions[0], Verifier)  # the loop's protocol, satisfied by the failover session
     return result, sessions[0]
 
 
