@@ -14,7 +14,7 @@ OTHER_ORT := $(if $(filter gpu,$(EDGE_RUNTIME)),onnxruntime,onnxruntime-gpu)
 STAMP := $(VENV)/.installed-$(EDGE_RUNTIME)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean simulate
+.PHONY: setup demo test test-fast mutate bench lint clean simulate
 
 setup: $(STAMP)
 
@@ -34,6 +34,20 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Unit and property tests only: no verifier process, no CLI run, no real model (the `integration` marker,
+# applied in tests/conftest.py) and nothing marked slow. About 1.5 min on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+# Mutation testing of core/sampling.py, cloud/rejection.py, proto/distribution.py, proto/payload.py and
+# edge/hybrid.py against the fast tests that cover them ([tool.mutmut] in pyproject.toml). Works in
+# mutants/ (a copy); the sources are never modified. Survivors: `$(VENV)/bin/mutmut show <name>`.
+# MUTMUT_ARGS narrows the run, e.g. MUTMUT_ARGS='"cloud.rejection*"'.
+MUTMUT_ARGS ?=
+mutate: setup
+	$(VENV)/bin/mutmut run $(MUTMUT_ARGS)
+	$(VENV)/bin/mutmut results
+
 bench: setup
 	$(PY) -m bench
 
@@ -48,4 +62,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build reports/bench_cache .pytest_cache
+	rm -rf build reports/bench_cache .pytest_cache mutants

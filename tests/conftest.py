@@ -1,7 +1,15 @@
-"""Shared fixtures: the committed demo pair, and its SLM exported to ONNX once per test session."""
+"""Shared fixtures: the committed demo pair, and its SLM exported to ONNX once per test session.
+
+Also the ``integration`` marker (``make test-fast`` deselects it): every test that starts a process
+(a verifier, a CLI run) or loads a real model. It is applied here, at collection, so no test can forget
+it: a test is integration if its module is listed in ``INTEGRATION_MODULES``, if it uses (directly or
+through other fixtures) one of ``INTEGRATION_FIXTURES``, or if its own body calls ``run_module`` or
+``subprocess``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -11,6 +19,43 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PAIR = ROOT / "models" / "demo_pair"
+
+# Modules whose tests all share a started verifier, an exported model or a real LLM.
+INTEGRATION_MODULES = {
+    "test_bench_smoke",  # builds and exports a model
+    "test_demo_pair",
+    "test_demo_smoke",
+    "test_edge_runtime",
+    "test_hostile",
+    "test_hybrid_e2e",
+    "test_load",
+    "test_resilience",
+    "test_security",
+    "test_simulate_real",
+    "test_sweep",
+    "test_verdict_keying",  # the real engine on the demo LLM, in-process
+}
+INTEGRATION_FIXTURES = {"slm_onnx"}  # exports the demo SLM to ONNX (tens of seconds)
+_STARTS_A_PROCESS = ("run_module(", "subprocess.", "VerifierProcess(")
+
+
+def _is_integration(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+        return True
+    if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    try:
+        source = inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return any(call in source for call in _STARTS_A_PROCESS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_integration(item):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

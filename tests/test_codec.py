@@ -345,6 +345,15 @@ MALFORMED = [
     ("adaptive-overlong-varint", adaptive_bytes(2, [b"\x85\x80\x80\x80\x80\x01", b"\x01"], [2000]),
      ADAPTIVE, "longer than"),
     ("adaptive-padding-bits", adaptive_bytes(2, [b"\x05", b"\x01"], [2000], pad=1), ADAPTIVE, "padding"),
+    # The header varint n is read on its own path (not with the index varints): the same rules apply.
+    # Each of these would otherwise decode to a valid p~ (n = 1 with id 5, or GOOD_ADAPTIVE's n = 3).
+    ("adaptive-non-minimal-n", b"\x81\x00\x05", ADAPTIVE, "non-minimal varint for entry count n"),
+    ("adaptive-non-minimal-n-two-zeros", b"\x81\x80\x00\x05", ADAPTIVE, "non-minimal varint for entry count n"),
+    ("adaptive-non-minimal-n-good-body", b"\x83\x00" + GOOD_ADAPTIVE[1:], ADAPTIVE,
+     "non-minimal varint for entry count n"),
+    ("adaptive-overlong-n", b"\x83\x80\x80\x80\x80\x00" + GOOD_ADAPTIVE[1:], ADAPTIVE, "longer than"),
+    ("adaptive-truncated-n", b"\x83", ADAPTIVE, "truncated"),
+    ("adaptive-n-over-k-max-two-bytes", b"\x80\x01" + b"\x01" * 128, ADAPTIVE, "exceeds k_max"),
     ("full32-empty", b"", CodecSpec("full32"), "truncated"),
     ("full32-truncated", full32_bytes([1.0])[:-2], CodecSpec("full32"), "truncated"),
     ("full32-trailing", full32_bytes([1.0]) + b"\x00" * 4, CodecSpec("full32"), "trailing"),

@@ -221,8 +221,9 @@ def test_stream_left_idle_is_evicted(model, channel, reference, verifier):
     assert metric(verifier.metrics_url, "verifier_evictions_total", 'reason="idle"') == before + 1
 
 
-def test_flood_of_sessions_past_the_limit(model, channel, reference, verifier):
-    """With the good session open, sessions are opened and held until one is refused: the limit holds."""
+def _flood_past_the_limit(model, channel) -> list:
+    """Open MAX_SESSIONS + 2 sessions and hold them until at least two are refused (bounded waits), then
+    release them all; returns each session's (code, details, responses)."""
     release = threading.Event()
     results: list = []
 
@@ -232,32 +233,65 @@ def test_flood_of_sessions_past_the_limit(model, channel, reference, verifier):
             release.wait(30)
         results.append(raw_session(channel, messages()))
 
-    def flood():
-        threads = []
-        for _ in range(MAX_SESSIONS + 2):  # bounded: the limit must bite within this many
-            threads.append(threading.Thread(target=held_session, daemon=True))
-            threads[-1].start()
-        deadline = threading.Event()
-        for _ in range(200):  # wait (bounded) until the refusals are in
-            if sum(r[0] == EXHAUSTED for r in results) >= 2:
-                break
-            deadline.wait(0.1)
-        release.set()
-        for t in threads:
-            t.join(60)
-        return results
+    threads = []
+    for _ in range(MAX_SESSIONS + 2):  # bounded: the limit must bite within this many
+        threads.append(threading.Thread(target=held_session, daemon=True))
+        threads[-1].start()
+    pause = threading.Event()
+    for _ in range(200):  # wait (bounded) until the refusals are in
+        if sum(r[0] == EXHAUSTED for r in results) >= 2:
+            break
+        pause.wait(0.1)
+    release.set()
+    for t in threads:
+        t.join(60)
+    return results
 
-    out = _alongside_good_session(model, channel, reference, flood)
+
+def test_flood_of_sessions_past_the_limit(model, channel, reference, verifier):
+    """With the good session open, sessions are opened and held until one is refused: the limit holds."""
+    out = _alongside_good_session(model, channel, reference, lambda: _flood_past_the_limit(model, channel))
     refused = [r for r in out if r[0] == EXHAUSTED]
     assert len(refused) >= 2 and all("limit of 6 concurrent sessions" in r[1] for r in refused)
     assert all(r[0] in (EXHAUSTED, grpc.StatusCode.OK) for r in out)
 
 
-def test_every_refusal_is_counted_and_sessions_return_to_zero(verifier, channel):
+def _sessions_gauge_settles_at_zero(url: str) -> bool:
+    """The gauge drops when the server's handler has finished, which may be just after the client saw the
+    status: poll it (bounded) instead of reading it once."""
+    pause = threading.Event()
+    for _ in range(100):
+        if metric(url, "verifier_sessions") == 0:
+            return True
+        pause.wait(0.1)
+    return False
+
+
+# Refusals this test makes itself, by the reason the metric counts them under.
+COUNTED = {
+    "distribution": ["NaN probability", "negative probability", "unnormalized probabilities", "all-zero distribution",
+                     "distribution of the wrong length"],
+    "order": ["Verify before Open", "Close before Open", "empty first message", "double Open", "Verify after Close"],
+}
+
+
+def test_every_refusal_is_counted_and_sessions_return_to_zero(model, verifier, channel, reference):
+    """Self-contained (it used to count the refusals the tests before it had made, and failed when run
+    alone): it makes its own refusals and checks that each one moved its counter by exactly one."""
     url = verifier.metrics_url
-    assert metric(url, "verifier_rejected_messages_total", 'reason="distribution"') >= 5
-    assert metric(url, "verifier_rejected_messages_total", 'reason="order"') >= 5
-    assert metric(url, "verifier_rejected_messages_total", 'reason="capacity"') >= 2
-    assert metric(url, "verifier_sessions") == 0
-    assert metric(url, "verifier_verifies_total") > 0
+
+    def rejected(reason: str) -> float:
+        return metric(url, "verifier_rejected_messages_total", f'reason="{reason}"')
+
+    before = {reason: rejected(reason) for reason in [*COUNTED, "capacity"]}
+    for reason, names in COUNTED.items():
+        for name in names:
+            build, expected, _ = SESSION_CASES[name]
+            assert raw_session(channel, build(model))[0] == expected, name
+        assert rejected(reason) == before[reason] + len(names), reason
+    refused = [r for r in _flood_past_the_limit(model, channel) if r[0] == EXHAUSTED]
+    assert len(refused) >= 2
+    assert rejected("capacity") == before["capacity"] + len(refused)
+    assert _sessions_gauge_settles_at_zero(url)
+    assert metric(url, "verifier_verifies_total") > 0  # the reference generation's verifies
     assert is_serving(channel)

@@ -57,7 +57,7 @@ def test_independent_coin_gives_mixture(s):
 # the mode more strongly: drafts of the second token are the ones verification most often rejects.
 SLM_LOGITS = np.log(np.array([0.6, 0.4]))
 LLM_Q = np.array([0.9, 0.1])
-U_TH = 0.3  # send iff u > U_TH (DESIGN: u <= u_th keeps the draft)
+U_TH = 0.3  # send iff u > U_TH (u <= u_th keeps the draft)
 
 
 def _threshold_rule(estimator_name: str):
