@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 
@@ -17,7 +18,17 @@ class UserError(Exception):
     """A problem with the user's input (argument, file, folder) that a person can act on."""
 
 
+# argparse takes any token starting with "-" for an option unless it looks like a negative number, and its
+# own pattern does not count "-inf": `--threshold -inf` (verify everything) would fail as "expected one
+# argument". Negative infinity is a number here.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+|\d*\.\d+|inf|infinity)$", re.IGNORECASE)
+
+
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # subparsers are built with this class too
+
     def error(self, message: str):  # argparse would print the whole usage block first
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
