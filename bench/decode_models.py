@@ -46,9 +46,11 @@ def small_llama_config(tokenizer_source: str | Path, hidden: int, layers: int, h
     """A LlamaConfig with the demo tokenizer's vocabulary and special ids (so EOS/pad mean the same)."""
     from transformers import AutoTokenizer, LlamaConfig
 
+    from proto.fingerprint import id_space
+
     tok = AutoTokenizer.from_pretrained(str(tokenizer_source))
     return LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=id_space(tok),  # one logit row per id the tokenizer can produce
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,

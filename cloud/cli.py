@@ -48,7 +48,10 @@ def _serve(args) -> int:
                               shutdown_grace_s=args.shutdown_grace)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    engine = VerifierModel(args.model, device=args.device, threads=args.threads)
+    try:
+        engine = VerifierModel(args.model, device=args.device, threads=args.threads)
+    except ValueError as exc:  # e.g. a model with fewer logit rows than its tokenizer's id space
+        raise UserError(str(exc)) from None
     metrics = VerifierMetrics()
     try:
         built = build_server(engine, f"{args.host}:{args.port}", limits, metrics, credentials, tokens)

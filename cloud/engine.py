@@ -4,6 +4,8 @@ Per session the cloud keeps the agreed token ids (``context``) and a ``DynamicCa
 them but the last. Each Verify appends the edge's pending ids and runs ONE forward pass over the
 uncached tail (last agreed token + pending ids), whose last position is the one being verified; ``q``
 is formed there with the session's sampling settings through the same function the edge uses.
+Logits are sliced to the tokenizer's id space N in the forward itself (``_forward``), before anything
+else sees them: the model's padding rows past N can never be sampled, resampled or reported.
 Model calls run on one worker thread, one at a time; sessions only wait on each other there.
 """
 
@@ -22,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from cloud.rejection import verify_draft
 from core.sampling import SamplingSettings, next_token, probabilities
 from proto.distribution import Compressed, CodecSpec
-from proto.fingerprint import tokenizer_hash
+from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
 
 @dataclass
@@ -57,8 +59,11 @@ class VerifierModel:
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().to(device)
         self.device = device
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.fingerprint = {"vocab_size": self.vocab_size, "tokenizer_hash": tokenizer_hash(self.tokenizer)}
+        self.logit_width = int(self.model.get_output_embeddings().weight.shape[0])  # recorded, never compared
+        self.id_space = id_space(self.tokenizer)  # N: every logit row is sliced to it, every id checked against it
+        check_logit_width(self.logit_width, self.id_space, f"the verifier's model {source}")
+        self.fingerprint = {"tokenizer_hash": tokenizer_hash(self.tokenizer), "id_space": self.id_space,
+                            "logit_width": self.logit_width}
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
         # One model worker thread runs every forward: forwards never interleave, and the per-thread state
         # of torch's CPU kernels exists once, not once per gRPC handler thread that ever verified.
@@ -70,7 +75,7 @@ class VerifierModel:
         return SessionState(settings, codec, seed, list(prompt_ids))
 
     def _logits_last(self, cache: DynamicCache, new_ids: list[int]) -> np.ndarray:
-        """One forward pass over ``new_ids`` after ``cache``, on the model worker; logits [V] of the last
+        """One forward pass over ``new_ids`` after ``cache``, on the model worker; logits [N] of the last
         position."""
         return self._worker.submit(self._forward, cache, new_ids).result()
 
@@ -78,18 +83,18 @@ class VerifierModel:
         ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return out.logits[0, -1].float().cpu().numpy()
+        return out.logits[0, -1, : self.id_space].float().cpu().numpy()  # [N]: padding rows never leave here
 
     def verify(self, state: SessionState, pending: list[int], draft: int, p_tilde: Compressed) -> VerifyOutcome:
         """Append ``pending``, form q at the next position, accept ``draft`` or resample (exactly)."""
         state.context.extend(pending)
         logits = self._logits_last(state.cache, state.context[state.cached :])
         state.cached = len(state.context)
-        q = probabilities(logits, state.settings)  # [V], the edge's own rule
+        q = probabilities(logits, state.settings)  # [N], the edge's own rule
         # The randomness of a position depends only on (seed, position), never on the session's history of
         # calls: an edge that reconnects and replays its tokens gets the same verdicts as if nothing broke.
         rng = np.random.default_rng([state.seed, len(state.context)])
-        accepted, token = verify_draft(draft, p_tilde.dense(self.vocab_size), q, rng, state.settings.greedy)
+        accepted, token = verify_draft(draft, p_tilde.dense(self.id_space), q, rng, state.settings.greedy)
         state.context.append(token)  # agreed; fed with the next Verify's tail
         state.verifies += 1
         state.accepted += accepted

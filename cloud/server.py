@@ -36,6 +36,7 @@ from cloud.validate import (INVALID, ORDER, SessionAbort, check_codec, check_fin
                             check_sampling, check_verify)
 from core.process import VERIFIER_READY
 from proto import hybrid_pb2 as pb
+from proto.messages import fingerprint_to_msg
 
 log = logging.getLogger("cloud.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
@@ -177,11 +178,11 @@ class VerifierServicer:
         kind = msg.WhichOneof("kind")
         if kind != "open":
             raise SessionAbort(ORDER, f"a session must start with Open, got {kind or 'an empty message'}", "order")
-        op, vocab = msg.open, self.engine.vocab_size
-        check_fingerprint(op.fingerprint, self.engine.fingerprint)
-        settings = check_sampling(op.sampling, vocab, "Open")
-        codec = check_codec(op.codec, vocab)
-        prompt = check_prompt(op.prompt_ids, vocab, self.max_context, "Open.prompt_ids")
+        op, n = msg.open, self.engine.id_space
+        check_fingerprint(op.fingerprint, self.engine.fingerprint, "Open")
+        settings = check_sampling(op.sampling, n, "Open")
+        codec = check_codec(op.codec, n)
+        prompt = check_prompt(op.prompt_ids, n, self.max_context, "Open.prompt_ids")
         state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None)
         state.report_target_prob = op.report_target_prob
         self._admit(state)
@@ -189,7 +190,7 @@ class VerifierServicer:
 
     def _verify(self, state: SessionState, v: pb.Verify, expected_seq: int) -> pb.Verdict:
         t_received = time.perf_counter()
-        pending, p_tilde = check_verify(v, expected_seq, len(state.context), state.codec, self.engine.vocab_size,
+        pending, p_tilde = check_verify(v, expected_seq, len(state.context), state.codec, self.engine.id_space,
                                         self.max_context)
         outcome = self.engine.verify(state, pending, v.draft_id, p_tilde)
         seconds = time.perf_counter() - t_received
@@ -221,7 +222,8 @@ class VerifierServicer:
                                                "prompt_tokens": len(state.context)})
             yield pb.CloudMessage(opened=pb.Opened(
                 session_id=state.session_id, max_context=self.max_context,
-                max_message_bytes=self.limits.max_message_bytes, fingerprint=pb.Fingerprint(**self.engine.fingerprint)))
+                max_message_bytes=self.limits.max_message_bytes,
+                fingerprint=fingerprint_to_msg(self.engine.fingerprint)))
             expected = 1
             while (msg := self._next(inbox, "Verify or Close")) is not None:
                 kind = msg.WhichOneof("kind")
@@ -258,9 +260,9 @@ class VerifierServicer:
             self._check_serving()
             if isinstance(request, Unparseable):
                 raise SessionAbort(INVALID, f"not a valid hybrid.v1.GenerateRequest ({request.error})", "parse")
-            check_fingerprint(request.fingerprint, self.engine.fingerprint)
-            settings = check_sampling(request.sampling, self.engine.vocab_size, "GenerateRequest")
-            prompt = check_prompt(request.prompt_ids, self.engine.vocab_size, self.max_context,
+            check_fingerprint(request.fingerprint, self.engine.fingerprint, "GenerateRequest")
+            settings = check_sampling(request.sampling, self.engine.id_space, "GenerateRequest")
+            prompt = check_prompt(request.prompt_ids, self.engine.id_space, self.max_context,
                                   "GenerateRequest.prompt_ids", extra=request.max_new_tokens)
             seed = request.seed if request.HasField("seed") else None
             self.metrics.generates.inc()

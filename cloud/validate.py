@@ -14,7 +14,7 @@ from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, Compressed
 from proto.payload import CodecError, decode
 from proto.fingerprint import describe_mismatch
-from proto.messages import codec_from_msg, sampling_from_msg
+from proto.messages import codec_from_msg, fingerprint_from_msg, sampling_from_msg
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 ORDER = grpc.StatusCode.FAILED_PRECONDITION
@@ -29,60 +29,74 @@ class SessionAbort(Exception):
         self.reason = reason
 
 
-def check_ids(ids, vocab: int, what: str) -> list[int]:
-    """The ids as a list, or INVALID_ARGUMENT naming the first one outside [0, vocab).
+def check_ids(ids, n: int, what: str) -> list[int]:
+    """The ids as a list, or INVALID_ARGUMENT naming the first one outside the id space [0, n).
 
-    Ids travel as uint32, so a client that encodes -1 arrives here as 4294967295 and is refused too.
+    Ids travel as uint32, so a client that encodes -1 arrives here as 4294967295 and is refused too. Ids
+    past the tokenizer (the model's padding rows) are refused like any other: no text uses them.
     """
-    bad = [t for t in ids if t >= vocab]
+    bad = [t for t in ids if t >= n]
     if bad:
-        raise SessionAbort(INVALID, f"{what} holds token id {bad[0]} outside the vocabulary [0, {vocab})", "token_id")
+        raise SessionAbort(INVALID, f"{what} holds token id {bad[0]} outside the vocabulary (the tokenizer's id "
+                           f"space [0, {n}))", "token_id")
     return list(ids)
 
 
-def check_fingerprint(msg: pb.Fingerprint, own: dict) -> None:
-    remote = {"vocab_size": msg.vocab_size, "tokenizer_hash": msg.tokenizer_hash}
+def check_fingerprint(msg: pb.Fingerprint, own: dict, what: str) -> None:
+    """FAILED_PRECONDITION unless the client's fingerprint pairs with ``own`` (tokenizer hash and id space).
+
+    A client whose fingerprint has no id space predates id-space pairing: its payloads and ids may span
+    the logit width, so it is refused with a message asking for an upgrade.
+    """
+    remote = fingerprint_from_msg(msg)
+    if remote["id_space"] is None:
+        raise SessionAbort(ORDER, f"{what}.fingerprint has no id_space: this client predates id-space pairing "
+                           "(tokenizer hash + id space; logit widths are no longer compared) and must be upgraded",
+                           "fingerprint")
     mismatch = describe_mismatch(remote, own)
     if mismatch:
         raise SessionAbort(ORDER, mismatch, "fingerprint")
 
 
-def check_sampling(msg: pb.Sampling, vocab: int, what: str) -> SamplingSettings:
+def check_sampling(msg: pb.Sampling, n: int, what: str) -> SamplingSettings:
+    """The sampling settings, or INVALID_ARGUMENT; top-k may not exceed the id space ``n``."""
     try:
         settings = sampling_from_msg(msg)
     except ValueError as exc:
         raise SessionAbort(INVALID, f"bad {what}.sampling: {exc}", "sampling") from None
-    if settings.top_k > vocab:
-        raise SessionAbort(INVALID, f"{what}.sampling.top_k is {settings.top_k}, more than the vocabulary of {vocab}",
+    if settings.top_k > n:
+        raise SessionAbort(INVALID, f"{what}.sampling.top_k is {settings.top_k}, more than the vocabulary of {n}",
                            "sampling")
     return settings
 
 
-def check_codec(msg: pb.Codec, vocab: int) -> CodecSpec:
+def check_codec(msg: pb.Codec, n: int) -> CodecSpec:
+    """The codec spec, or INVALID_ARGUMENT; a top set may not exceed the id space ``n``."""
     try:
         codec = codec_from_msg(msg)
     except ValueError as exc:
         raise SessionAbort(INVALID, f"bad Open.codec: {exc}", "codec") from None
     k = codec.k if codec.name == "topk" else codec.k_max if codec.name == "adaptive" else 0
-    if k > vocab:
+    if k > n:
         raise SessionAbort(INVALID, f"Open.codec: {codec.name} keeps up to {k} entries, more than the vocabulary "
-                           f"of {vocab}", "codec")
+                           f"of {n}", "codec")
     return codec
 
 
-def check_prompt(ids, vocab: int, max_context: int, what: str, extra: int = 0) -> list[int]:
+def check_prompt(ids, n: int, max_context: int, what: str, extra: int = 0) -> list[int]:
     """A non-empty prompt of valid ids that leaves room for ``extra`` more tokens in the context."""
     if not ids:
         raise SessionAbort(INVALID, f"{what} is empty: send at least one token", "context")
     if len(ids) + max(extra, 1) > max_context:
         raise SessionAbort(INVALID, f"{what} has {len(ids)} tokens; with {max(extra, 1)} more it exceeds the "
                            f"context limit of {max_context} tokens", "context")
-    return check_ids(ids, vocab, what)
+    return check_ids(ids, n, what)
 
 
-def check_verify(v: pb.Verify, expected_seq: int, context_len: int, codec: CodecSpec, vocab: int,
+def check_verify(v: pb.Verify, expected_seq: int, context_len: int, codec: CodecSpec, n: int,
                  max_context: int) -> tuple[list[int], Compressed]:
-    """The pending ids and the decoded p~ of a well-formed Verify, or SessionAbort naming what is wrong."""
+    """The pending ids and the decoded p~ (over the id space ``n``) of a well-formed Verify, or SessionAbort
+    naming what is wrong."""
     if v.seq != expected_seq:
         raise SessionAbort(INVALID, f"Verify.seq is {v.seq}, expected {expected_seq} (one Verify at a time, "
                            "numbered from 1)", "seq")
@@ -90,10 +104,10 @@ def check_verify(v: pb.Verify, expected_seq: int, context_len: int, codec: Codec
         raise SessionAbort(INVALID, f"Verify carries {len(v.pending_ids)} pending ids; the session would hold "
                            f"{context_len + len(v.pending_ids) + 1} tokens, over the context limit of "
                            f"{max_context}", "context")
-    pending = check_ids(v.pending_ids, vocab, "Verify.pending_ids")
-    check_ids([v.draft_id], vocab, "Verify.draft_id")
+    pending = check_ids(v.pending_ids, n, "Verify.pending_ids")
+    check_ids([v.draft_id], n, "Verify.draft_id")
     try:
-        p_tilde = decode(v.distribution, codec, vocab)
+        p_tilde = decode(v.distribution, codec, n)
     except CodecError as exc:
         raise SessionAbort(INVALID, f"Verify.distribution: {exc}", "distribution") from None
     if not p_tilde.contains(v.draft_id):

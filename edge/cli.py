@@ -13,6 +13,7 @@ from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS
 from proto.distribution import CODEC_NAMES
+from proto.fingerprint import pairing_key
 
 
 def _local(args, model, settings) -> dict:
@@ -34,7 +35,7 @@ def _hybrid(args, model, settings) -> dict:
     u_th = args.threshold
     if args.calibration:
         calibration = load_calibration(args.calibration)
-        if calibration["fingerprint"] != model.manifest.fingerprint:
+        if pairing_key(calibration["fingerprint"]) != pairing_key(model.manifest.fingerprint):
             raise UserError(f"{args.calibration} was made for {calibration['fingerprint']}, "
                             f"not this model ({model.manifest.fingerprint})")
         u_th = threshold_for(calibration, args.uncertainty, args.risk)

@@ -20,7 +20,7 @@ from edge.transport import Transport
 from proto import hybrid_pb2 as pb
 from proto import hybrid_pb2_grpc as pb_grpc
 from proto.distribution import CodecSpec
-from proto.messages import codec_to_msg, sampling_to_msg, wire_size
+from proto.messages import codec_to_msg, fingerprint_to_msg, sampling_to_msg, wire_size
 
 _END = object()
 PLAINTEXT = Transport()
@@ -74,7 +74,7 @@ class VerifierSession:
         self._responses: queue.Queue = queue.Queue()
         self._call = pb_grpc.VerifierStub(channel).Session(iter(self._requests.get, _END))
         threading.Thread(target=self._read, daemon=True).start()
-        open_msg = pb.Open(fingerprint=pb.Fingerprint(**fingerprint), sampling=sampling_to_msg(settings),
+        open_msg = pb.Open(fingerprint=fingerprint_to_msg(fingerprint), sampling=sampling_to_msg(settings),
                            prompt_ids=prompt_ids, codec=codec_to_msg(codec),
                            report_target_prob=report_target_prob)
         if seed is not None:
@@ -134,7 +134,7 @@ def generate_remote(channel: grpc.Channel, fingerprint: dict, prompt_ids: list[i
                     max_new_tokens: int, stop_ids: list[int], seed: int | None = None,
                     timeout: float = 120.0) -> tuple[list[int], int, int]:
     """Cloud-only baseline: the large model's tokens for ``prompt_ids``; returns (tokens, up bytes, down bytes)."""
-    request = pb.GenerateRequest(fingerprint=pb.Fingerprint(**fingerprint), sampling=sampling_to_msg(settings),
+    request = pb.GenerateRequest(fingerprint=fingerprint_to_msg(fingerprint), sampling=sampling_to_msg(settings),
                                  prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     if seed is not None:
         request.seed = seed

@@ -129,7 +129,8 @@ class _Streams:
 
 
 def draft_step(logits: np.ndarray, config: HybridConfig, estimator: Estimator, streams: _Streams) -> Draft:
-    """Form p from the SLM's ``logits`` [V], compress it to p~, draw the draft from p~, measure u."""
+    """Form p from the SLM's ``logits`` [N] (already sliced to the id space), compress it to p~, draw the draft
+    from p~, measure u."""
     p_tilde = compress(probabilities(logits, config.settings), config.codec)
     draft = p_tilde.sample(streams.draft)  # from p~, never from p: the verifier checks against p~
     return Draft(p_tilde, draft, float(estimator(logits, draft, streams.u)))
@@ -139,11 +140,12 @@ def should_send(draft: Draft, config: HybridConfig, verifier: Verifier | None) -
     return verifier is not None and draft.u > config.threshold
 
 
-def verify_step(verifier: Verifier, pending: list[int], draft: Draft, config: HybridConfig, vocab: int,
+def verify_step(verifier: Verifier, pending: list[int], draft: Draft, config: HybridConfig, n: int,
                 result: HybridResult) -> VerdictResult | None:
-    """Send Verify{pending, x, p~}; a failure carries the tokens generated so far (``exc.partial``)."""
+    """Send Verify{pending, x, p~ encoded over the id space ``n``}; a failure carries the tokens generated so
+    far (``exc.partial``)."""
     try:
-        return verifier.verify(pending, draft.token, encode(draft.p_tilde, config.codec, vocab))
+        return verifier.verify(pending, draft.token, encode(draft.p_tilde, config.codec, n))
     except VerifierError as exc:
         exc.partial = result  # nothing is lost: the caller can print what was generated
         verifier.close()
@@ -172,7 +174,7 @@ def generate_hybrid(
     estimator = get_estimator(config.estimator, k=config.samples)
     all_estimators = {n: get_estimator(n, k=config.samples) for n in ESTIMATORS} if config.record_all_estimators else {}
     streams = _Streams.seeded(seed)
-    vocab = model.runtime.vocab_size
+    n = model.runtime.id_space  # the width of every logit row the runtime returns
     result = HybridResult(list(prompt_ids))
     verifier = open_session(list(prompt_ids), config.settings, config.codec) if open_session else None
     if trace is not None:
@@ -187,7 +189,7 @@ def generate_hybrid(
         if all_estimators:  # calibration: every estimator's u at this position, after the loop's own
             record.u_all = {n: float(e(logits, draft.token, streams.u)) for n, e in all_estimators.items()}
         send = should_send(draft, config, verifier)
-        verdict = verify_step(verifier, pending, draft, config, vocab, result) if send else None
+        verdict = verify_step(verifier, pending, draft, config, n, result) if send else None
         if verdict is not None:
             record.verified(verdict, len(pending), verifier.report_target_prob)
             pending = []

@@ -1,7 +1,9 @@
 """The export manifest (`manifest.json` beside `model.onnx`): what the edge loads and what it tells the cloud.
 
-Written by ``python -m models export``; read by the edge runtime and CLI. Its ``fingerprint`` (vocab size,
-tokenizer hash) is what edge and verifier compare before pairing.
+Written by ``python -m models export``; read by the edge runtime and CLI. Its ``fingerprint`` (tokenizer
+hash, id space N, logit width) is what the edge sends in Open; the verifier pairs on the hash and N only
+(proto/fingerprint.py). Format 1 manifests (``vocab_size`` = the logit width, no id space) still load: the
+id space is then computed from the folder's ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from proto.fingerprint import id_space
+
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: id_space and logit_width replace vocab_size
 
 
 class ModelFolderError(ValueError):
@@ -23,7 +27,8 @@ class Manifest:
     source: str  # hub id or local folder the export came from
     model_file: str
     model_type: str
-    vocab_size: int
+    logit_width: int  # the model's logit rows (padding included); recorded, never compared
+    id_space: int  # N = the tokenizer's largest id + 1; logits are sliced to it
     tokenizer_hash: str
     bos_token_id: int | None
     eos_token_ids: list[int]
@@ -36,7 +41,8 @@ class Manifest:
 
     @property
     def fingerprint(self) -> dict:
-        return {"vocab_size": self.vocab_size, "tokenizer_hash": self.tokenizer_hash}
+        """What the edge sends in Open (``proto.messages.fingerprint_to_msg``)."""
+        return {"tokenizer_hash": self.tokenizer_hash, "id_space": self.id_space, "logit_width": self.logit_width}
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -56,14 +62,26 @@ def load_manifest(folder: str | Path) -> Manifest:
             f"{folder} is not an ONNX export: no {MANIFEST_NAME}{hint}; "
             f"create one with: python -m models export --model MODEL --out {folder}"
         )
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelFolderError(f"{folder} lacks tokenizer.json; re-run python -m models export")
     try:
         data = json.loads(path.read_text())
-        manifest = Manifest(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
+        manifest = Manifest(**_upgrade_format_1(data, folder))
+    except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as exc:
         raise ModelFolderError(f"{path} is not a valid manifest: {exc}") from None
     if manifest.format != FORMAT_VERSION:
         raise ModelFolderError(f"{path} has manifest format {manifest.format}, expected {FORMAT_VERSION}")
-    for needed in (manifest.model_file, "tokenizer.json"):
-        if not (folder / needed).is_file():
-            raise ModelFolderError(f"{folder} lacks {needed}; re-run python -m models export")
+    if not (folder / manifest.model_file).is_file():
+        raise ModelFolderError(f"{folder} lacks {manifest.model_file}; re-run python -m models export")
     return manifest
+
+
+def _upgrade_format_1(data: dict, folder: Path) -> dict:
+    """A format-1 manifest's fields in today's terms: its ``vocab_size`` was the logit width, and its id
+    space is that of the folder's tokenizer. Any other manifest is returned as it is."""
+    if data.get("format") != 1:
+        return data
+    upgraded = {k: v for k, v in data.items() if k != "vocab_size"}
+    upgraded.update(format=FORMAT_VERSION, logit_width=data["vocab_size"],
+                    id_space=id_space(folder / "tokenizer.json"))
+    return upgraded

@@ -11,13 +11,16 @@ from edge.runtime import OnnxCausalLM
 
 
 class EdgeModel:
-    """What the edge needs of a model: encode/decode text, run the decoder, know its EOS ids."""
+    """What the edge needs of a model: encode/decode text, run the decoder (logits over the id space N), know
+    its EOS ids."""
 
     def __init__(self, folder: str | Path, providers: str | list[str] | None = "auto", threads: int = 0):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.runtime = OnnxCausalLM(self.folder / self.manifest.model_file, providers=providers, threads=threads)
+        # Logits come back sliced to the tokenizer's id space: padding rows are never seen past the runtime.
+        self.runtime = OnnxCausalLM(self.folder / self.manifest.model_file, providers=providers, threads=threads,
+                                    id_space=self.manifest.id_space)
         self.eos_ids = frozenset(self.manifest.eos_token_ids)
 
     def encode(self, text: str) -> list[int]:

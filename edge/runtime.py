@@ -8,6 +8,8 @@ What this wrapper guarantees:
 - ``prefill`` (many tokens), ``decode`` (one token) and ``truncate`` (drop cached positions, so a later
   rollback is cheap) on one sequence whose KV cache lives in the wrapper.
 - On CUDA, IO binding keeps the KV cache on the device between steps; only logits come back to the host.
+- Logits come back sliced to the tokenizer's id space N (``id_space``): every caller (the hybrid loop,
+  SLM-only generation, the uncertainty estimators) sees [N] rows, never the model's padding rows past N.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from proto.fingerprint import check_logit_width
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
@@ -51,9 +55,14 @@ class KVCache:
 
 
 class OnnxCausalLM:
-    """One sequence's decoder: prefill, decode one token, truncate the cache."""
+    """One sequence's decoder: prefill, decode one token, truncate the cache.
 
-    def __init__(self, onnx_path: str | Path, providers: str | list[str] | None = "auto", threads: int = 0):
+    ``id_space``: the tokenizer's N; logits are returned as [.., N]. None keeps every logit row (the export's
+    parity check compares the whole output layer).
+    """
+
+    def __init__(self, onnx_path: str | Path, providers: str | list[str] | None = "auto", threads: int = 0,
+                 id_space: int | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -72,11 +81,10 @@ class OnnxCausalLM:
         missing = [n for n in self._output_names if n not in {o.name for o in self.session.get_outputs()}]
         if missing or "input_ids" not in self._input_names:
             raise ValueError(f"{onnx_path} is not a text-generation-with-past export (missing {missing})")
+        self.logit_width = int(self.session.get_outputs()[0].shape[-1])  # the model's rows, padding included
+        self.id_space = self.logit_width if id_space is None else int(id_space)  # the width of returned logits
+        check_logit_width(self.logit_width, self.id_space, str(onnx_path))
         self.cache = self.empty_cache()
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.session.get_outputs()[0].shape[-1])
 
     def empty_cache(self) -> KVCache:
         arrays = {name: np.zeros((1, h, 0, d), dtype=dt) for name, (h, d, dt) in self._past.items()}
@@ -99,19 +107,23 @@ class OnnxCausalLM:
         return feeds
 
     def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
-        """Run ``token_ids`` after the cached context; returns logits [n_new, vocab] and extends the cache."""
+        """Run ``token_ids`` after the cached context; returns logits [n_new, N] and extends the cache."""
         input_ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         if input_ids.shape[1] == 0:
             raise ValueError("forward needs at least one token")
         feeds = self._feeds(input_ids)
-        if self.on_cuda:
-            return self._forward_bound(feeds, input_ids.shape[1])
+        logits = self._forward_bound(feeds, input_ids.shape[1]) if self.on_cuda else self._forward_host(feeds)
+        return logits[:, : self.id_space]  # [n_new, N]: the one place padding rows are dropped
+
+    def _forward_host(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """CPU path: the KV cache is numpy arrays; returns logits [n_new, logit_width]."""
         outputs = self.session.run(self._output_names, {**feeds, **self.cache.arrays})
-        self.cache = KVCache(dict(zip(self._past, outputs[1:])), self.cache.length + input_ids.shape[1])
+        self.cache = KVCache(dict(zip(self._past, outputs[1:])), self.cache.length + feeds["input_ids"].shape[1])
         return outputs[0][0]
 
     def _forward_bound(self, feeds: dict[str, np.ndarray], n_new: int) -> np.ndarray:
-        """CUDA path: the KV cache stays an OrtValue on the device; only logits are copied back."""
+        """CUDA path: the KV cache stays an OrtValue on the device; only logits [n_new, logit_width] are copied
+        back."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
@@ -126,12 +138,12 @@ class OnnxCausalLM:
         return outputs[0].numpy()[0]
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
-        """Start a new sequence from ``token_ids``; returns the logits [vocab] of the last position."""
+        """Start a new sequence from ``token_ids``; returns the logits [N] of the last position."""
         self.reset()
         return self.forward(token_ids)[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
-        """Feed one token; returns the logits [vocab] of the next position."""
+        """Feed one token; returns the logits [N] of the next position."""
         return self.forward([token_id])[-1]
 
     def truncate(self, length: int) -> None:

@@ -4,7 +4,9 @@ The path is the one real models take: optimum's ``main_export`` with task ``text
 Options: ``fp16`` (float16 weights and compute, fp32 inputs/outputs so the edge feeds the same arrays),
 ``int8`` (dynamic quantization of MatMul only: with tied embeddings, quantizing the Gather too makes
 decoding slower). Afterwards ONNX logits are compared with PyTorch's on a few prompts, through the edge's
-own runtime (prefill and a KV-cached decode step); the export fails above a tolerance.
+own runtime (prefill and a KV-cached decode step), over every logit row; the export fails above a
+tolerance. The manifest records the model's logit width and the tokenizer's id space N (the edge slices
+logits to N); a model with fewer rows than N is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from edge.manifest import Manifest
 from edge.runtime import OnnxCausalLM
-from proto.fingerprint import tokenizer_hash
+from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
 MODEL_FILE = "model.onnx"
 # Max |logit difference| allowed vs PyTorch fp32, per export dtype. int8 is a lossy approximation
@@ -125,17 +127,23 @@ def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) 
                 f"ONNX logits differ from PyTorch by {parity['max_abs_diff']:.3g} "
                 f"(> tolerance {parity['tolerance']} for {dtype}); the export is not trustworthy"
             )
-        runtime = OnnxCausalLM(onnx_path, providers="cpu")
+        runtime = OnnxCausalLM(onnx_path, providers="cpu")  # every logit row: the width is what it records
         from transformers import AutoConfig, AutoTokenizer
 
         if not (staging / "tokenizer.json").is_file():
             AutoTokenizer.from_pretrained(model).save_pretrained(str(staging))
+        n = id_space(staging / "tokenizer.json")
+        try:
+            check_logit_width(runtime.logit_width, n, f"{model} (exported)")
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
         tok = AutoTokenizer.from_pretrained(model)
         manifest = Manifest(
             source=str(model),
             model_file=MODEL_FILE,
             model_type=AutoConfig.from_pretrained(model).model_type,
-            vocab_size=runtime.vocab_size,
+            logit_width=runtime.logit_width,
+            id_space=n,
             tokenizer_hash=tokenizer_hash(staging / "tokenizer.json"),
             bos_token_id=tok.bos_token_id,
             eos_token_ids=_eos_ids(model),

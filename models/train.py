@@ -52,8 +52,10 @@ SLM_SPEC = ModelSpec("slm", layers=2, hidden=64, heads=2, ffn=176, lr=5e-3, step
 def llama_config(spec: ModelSpec, tokenizer):
     from transformers import LlamaConfig
 
+    from proto.fingerprint import id_space
+
     return LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=id_space(tokenizer),  # one logit row per id the tokenizer can produce: no padding rows
         hidden_size=spec.hidden,
         intermediate_size=spec.ffn,
         num_hidden_layers=spec.layers,

@@ -7,12 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Fingerprint(_message.Message):
-    __slots__ = ("vocab_size", "tokenizer_hash")
+    __slots__ = ("vocab_size", "tokenizer_hash", "id_space", "logit_width")
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    ID_SPACE_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     tokenizer_hash: str
-    def __init__(self, vocab_size: _Optional[int] = ..., tokenizer_hash: _Optional[str] = ...) -> None: ...
+    id_space: int
+    logit_width: int
+    def __init__(self, vocab_size: _Optional[int] = ..., tokenizer_hash: _Optional[str] = ..., id_space: _Optional[int] = ..., logit_width: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p")

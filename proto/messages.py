@@ -1,6 +1,6 @@
 """Conversions between wire messages and the settings objects both sides compute with.
 
-One place for the rule, so edge and cloud read Sampling and Codec fields identically.
+One place for the rule, so edge and cloud read Sampling, Codec and Fingerprint fields identically.
 """
 
 from __future__ import annotations
@@ -29,6 +29,24 @@ def codec_to_msg(c: CodecSpec) -> pb.Codec:
 def codec_from_msg(m: pb.Codec) -> CodecSpec:
     """Raises ValueError (from CodecSpec) on unknown names or out-of-range parameters."""
     return CodecSpec(name=m.name, k=m.k, eps=m.eps, k_max=m.k_max, bits=m.bits)
+
+
+def fingerprint_to_msg(fp: dict) -> pb.Fingerprint:
+    """The wire form of a fingerprint dict (``tokenizer_hash``, ``id_space``, ``logit_width``).
+
+    Field 1 (``vocab_size``, deprecated) repeats the logit width: what it meant before id-space pairing.
+    """
+    return pb.Fingerprint(vocab_size=fp["logit_width"], tokenizer_hash=fp["tokenizer_hash"], id_space=fp["id_space"],
+                          logit_width=fp["logit_width"])
+
+
+def fingerprint_from_msg(m: pb.Fingerprint) -> dict:
+    """The dict form; ``id_space`` is None when the sender predates id-space pairing (field 3 unset, i.e. 0).
+
+    A sender that predates ``logit_width`` put its logit width in ``vocab_size``.
+    """
+    return {"tokenizer_hash": m.tokenizer_hash, "id_space": m.id_space or None,
+            "logit_width": m.logit_width or m.vocab_size or None}
 
 
 def wire_size(msg) -> int:

@@ -10,7 +10,8 @@ strings :func:`encode` can produce, so a corrupted or mismatched payload fails l
 :class:`CodecError` instead of being verified against the wrong distribution.
 
 Codecs and their wire layouts (all integers little-endian, ``V`` = vocabulary size, ``n`` = support
-size):
+size). The ``vocab_size`` argument of every function is ``V``: both sides pass the tokenizer's id space N
+(``proto.fingerprint.id_space``), never a model's logit width, since logits are sliced to N first:
 
 ``full32``  every vocabulary entry as float32. Size ``4·V``. (HLM / U-HLM baseline.)
 ``full16``  every vocabulary entry as float16. Size ``2·V``.

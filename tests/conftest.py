@@ -35,7 +35,9 @@ INTEGRATION_MODULES = {
     "test_sweep",
     "test_verdict_keying",  # the real engine on the demo LLM, in-process
 }
-INTEGRATION_FIXTURES = {"slm_onnx"}  # exports the demo SLM to ONNX (tens of seconds)
+# slm_onnx exports the demo SLM to ONNX (tens of seconds); qwen_shaped_tokenizer (tests/test_id_space.py) is
+# what every test that builds, exports or serves the Qwen2-shaped pair depends on.
+INTEGRATION_FIXTURES = {"slm_onnx", "qwen_shaped_tokenizer"}
 _STARTS_A_PROCESS = ("run_module(", "subprocess.", "VerifierProcess(")
 
 

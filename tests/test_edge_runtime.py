@@ -21,7 +21,8 @@ def runtime(slm_onnx):
 
 def test_manifest_records_fingerprint_and_parity(slm_onnx):
     m = load_manifest(slm_onnx)
-    assert m.vocab_size == 32000 and len(m.tokenizer_hash) == 16
+    assert m.id_space == m.logit_width == 32000 and len(m.tokenizer_hash) == 16
+    assert m.fingerprint == {"tokenizer_hash": m.tokenizer_hash, "id_space": 32000, "logit_width": 32000}
     assert m.parity["max_abs_diff"] <= m.parity["tolerance"] and m.parity["top1_agreement"] == 1.0
     assert m.dtype == "fp32" and m.opset >= 14 and "input_ids" in m.inputs
 

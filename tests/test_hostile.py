@@ -17,7 +17,7 @@ from core.sampling import softmax
 from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, compress
 from proto.payload import encode
-from proto.messages import codec_to_msg
+from proto.messages import codec_to_msg, fingerprint_to_msg
 from tests.conftest import DEMO_PAIR
 from tests.test_codec import topk_bytes
 from tests.verifier_clients import GoodGeneration, is_serving, metric, raw_generate, raw_session
@@ -66,7 +66,12 @@ DRAFT = int(np.argmax(P))
 
 
 def fingerprint(model, **change) -> pb.Fingerprint:
-    return pb.Fingerprint(**{**model.manifest.fingerprint, **change})
+    return fingerprint_to_msg({**model.manifest.fingerprint, **change})
+
+
+def pre_id_space_fingerprint(model) -> pb.Fingerprint:
+    """What a client from before id-space pairing sent: the logit width in field 1, no id_space."""
+    return pb.Fingerprint(vocab_size=model.manifest.logit_width, tokenizer_hash=model.manifest.tokenizer_hash)
 
 
 def open_msg(model, codec: CodecSpec | pb.Codec = FULL32, prompt=(5, 6, 7), **fields) -> pb.EdgeMessage:
@@ -125,7 +130,9 @@ def _zero_at_draft() -> bytes:
 SESSION_CASES = {
     "wrong tokenizer hash": (lambda m: [open_msg(m, fingerprint=fingerprint(m, tokenizer_hash="0" * 64))], ORDER,
                              "tokenizer"),
-    "wrong vocab size": (lambda m: [open_msg(m, fingerprint=fingerprint(m, vocab_size=V + 1))], ORDER, "vocab"),
+    "wrong id space": (lambda m: [open_msg(m, fingerprint=fingerprint(m, id_space=V + 1))], ORDER, "id_space"),
+    "client that predates id-space pairing": (lambda m: [open_msg(m, fingerprint=pre_id_space_fingerprint(m))],
+                                              ORDER, "must be upgraded"),
     "prompt id out of range": (lambda m: [open_msg(m, prompt=(5, V))], INVALID, "outside the vocabulary"),
     "negative prompt id": (lambda m: [negative_prompt_id_open(m)], INVALID, "outside the vocabulary"),
     "empty prompt": (lambda m: [open_msg(m, prompt=())], INVALID, "empty"),

@@ -74,7 +74,7 @@ def test_verify_all_follows_llm_distribution(channel, edge_model, prefix):
     ids = edge_model.encode(PROMPT + prefix)
     q = _llm_distribution(ids, settings)
     p_tilde = compress(probabilities(edge_model.runtime.prefill(ids), settings), codec)
-    payload = encode(p_tilde, codec, edge_model.runtime.vocab_size)
+    payload = encode(p_tilde, codec, edge_model.runtime.id_space)
     rng = np.random.default_rng(7)
     n = 3000
     counts = np.zeros(len(q), dtype=np.int64)
@@ -129,7 +129,7 @@ def test_mismatched_fingerprint_refused_while_others_are_served(channel, edge_mo
     errors = []
 
     def bad_session():
-        wrong = {"vocab_size": 32000, "tokenizer_hash": "0000000000000000"}
+        wrong = {"tokenizer_hash": "0000000000000000", "id_space": 32000, "logit_width": 32000}
         try:
             VerifierSession(channel, wrong, prompt, settings, codec)
         except VerifierError as exc:

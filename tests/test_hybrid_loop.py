@@ -47,7 +47,7 @@ TOKENS = 800  # per generation
 class FixedRuntime:
     """The ONNX runtime's interface with fixed logits: ``cycle`` repeats, one entry per position."""
 
-    vocab_size = V
+    id_space = V  # the width of the logits it returns
 
     def __init__(self, cycle: list[np.ndarray]):
         self.cycle = [np.log(p).astype(np.float32) for p in cycle]

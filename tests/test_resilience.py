@@ -110,8 +110,9 @@ def test_cloud_loss_fail_raises_with_the_partial_text(model):
 def test_non_retryable_refusal_is_not_retried(model):
     with _replica() as only:
         with pytest.raises(VerifierError) as err:
-            ResilientSession(Failover((only.address,), loss_after_s=30), {"vocab_size": 1, "tokenizer_hash": "x"},
-                             [5, 6], CONFIG.settings, CONFIG.codec)
+            ResilientSession(Failover((only.address,), loss_after_s=30),
+                             {"tokenizer_hash": "x", "id_space": 1, "logit_width": 1}, [5, 6], CONFIG.settings,
+                             CONFIG.codec)
     assert err.value.code.name == "FAILED_PRECONDITION"
 
 

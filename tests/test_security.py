@@ -88,10 +88,10 @@ def model(slm_onnx):
 def _session_status(verifier, transport: Transport, model) -> grpc.StatusCode:
     """Status of a minimal Open over ``transport`` (OK when the session opened)."""
     from proto import hybrid_pb2 as pb
-    from proto.messages import codec_to_msg
+    from proto.messages import codec_to_msg, fingerprint_to_msg
 
     channel = transport.channel(verifier.address)
-    open_msg = pb.EdgeMessage(open=pb.Open(fingerprint=pb.Fingerprint(**model.manifest.fingerprint),
+    open_msg = pb.EdgeMessage(open=pb.Open(fingerprint=fingerprint_to_msg(model.manifest.fingerprint),
                                            sampling=pb.Sampling(temperature=1), prompt_ids=[5, 6],
                                            codec=codec_to_msg(GOOD_CONFIG.codec)))
     code, details, _ = raw_session(channel, [open_msg], timeout=10)

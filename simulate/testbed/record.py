@@ -33,10 +33,10 @@ def record_stream(channel, model, problem, settings, seed: int, out) -> bool:
     from proto import hybrid_pb2 as pb
     from proto import hybrid_pb2_grpc as pb_grpc
     from proto import trace as tr
-    from proto.messages import sampling_to_msg, wire_size
+    from proto.messages import fingerprint_to_msg, sampling_to_msg, wire_size
 
     prompt = model.encode(problem.prompt)
-    request = pb.GenerateRequest(fingerprint=pb.Fingerprint(**model.manifest.fingerprint),
+    request = pb.GenerateRequest(fingerprint=fingerprint_to_msg(model.manifest.fingerprint),
                                  sampling=sampling_to_msg(settings), prompt_ids=prompt,
                                  max_new_tokens=MAX_SOLUTION_TOKENS, stop_ids=sorted(model.eos_ids), seed=seed)
     rows, tokens, down = [], [], 0
