@@ -16,16 +16,16 @@ from proto.distribution import CODEC_NAMES
 from proto.fingerprint import pairing_key
 
 
-def _local(args, model, settings) -> dict:
+def _local(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
     from edge.generate import generate_local
 
-    result = generate_local(model, model.encode(args.prompt), args.max_new_tokens, settings, seed=args.seed)
-    print(args.prompt + result.text)
+    result = generate_local(model, prompt[1], args.max_new_tokens, settings, seed=args.seed)
+    print(prompt[0] + result.text)
     return {"tokens": len(result.token_ids), "tokens_per_s": round(result.tokens_per_s, 1),
             "prefill_ms": round(result.prefill_seconds * 1e3, 2), "loop_overhead": round(result.loop_overhead, 3)}
 
 
-def _hybrid(args, model, settings) -> dict:
+def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
     from edge.client import VerifierError
     from edge.hybrid import HybridConfig, generate_hybrid
     from edge.resilient import ResilientSession
@@ -51,17 +51,17 @@ def _hybrid(args, model, settings) -> dict:
 
     trace = open(args.trace, "w") if args.trace else None
     try:
-        result = generate_hybrid(model, model.encode(args.prompt), config, seed=args.seed,
+        result = generate_hybrid(model, prompt[1], config, seed=args.seed,
                                  open_session=open_session, trace=trace)
     except VerifierError as exc:
         partial = getattr(exc, "partial", None)
         if partial is not None and partial.token_ids:  # nothing is lost: print what was generated
-            print(args.prompt + model.decode(partial.token_ids))
+            print(prompt[0] + model.decode(partial.token_ids))
         raise
     finally:
         if trace:
             trace.close()
-    print(args.prompt + result.text)
+    print(prompt[0] + result.text)
     acc = result.acceptance_rate
     return {"tokens": len(result.token_ids), "threshold": u_th if math.isfinite(u_th) else str(u_th),
             "transmission_rate": round(result.transmission_rate, 4),
@@ -95,6 +95,18 @@ def _transport(args):
                      insecure=args.insecure)
 
 
+def _prompt(args, model) -> tuple[str, list[int]]:
+    """The prompt as (text, ids): ``--prompt`` as given, or ``--chat`` / ``--messages`` rendered with the model's
+    own chat template (the template writes the special tokens, so none are added when encoding)."""
+    if args.prompt is not None:
+        return args.prompt, model.encode(args.prompt)
+    from edge.chat import ChatTemplate, load_messages
+
+    messages = load_messages(args.messages) if args.messages else [{"role": "user", "content": args.chat}]
+    text = ChatTemplate.from_folder(model.folder).render(messages, add_generation_prompt=True)
+    return text, model.encode(text, add_special_tokens=False)
+
+
 def _generate(args) -> int:
     from edge.client import VerifierError
     from edge.model import EdgeModel
@@ -102,8 +114,9 @@ def _generate(args) -> int:
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model = EdgeModel(args.model, providers=args.provider, threads=args.threads)
+    prompt = _prompt(args, model)
     try:
-        summary = _hybrid(args, model, settings) if args.verifier else _local(args, model, settings)
+        summary = (_hybrid if args.verifier else _local)(args, model, settings, prompt)
     except VerifierError as exc:
         raise UserError(str(exc)) from None
     summary.update(providers=model.runtime.providers)
@@ -116,7 +129,11 @@ def build_parser() -> OneLineParser:
     sub = parser.add_subparsers()
     p = sub.add_parser("generate", help="generate text with the exported SLM")
     p.add_argument("--model", required=True, help="ONNX export folder (from python -m models export)")
-    p.add_argument("--prompt", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text, as the model sees it")
+    what.add_argument("--chat", help="one user message, rendered with the model's chat template")
+    what.add_argument("--messages", help="a JSON file: a list of {role, content} messages, rendered with the "
+                                         "model's chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")

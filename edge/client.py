@@ -81,6 +81,20 @@ class VerifierSession:
             open_msg.seed = seed
         self._send(pb.EdgeMessage(open=open_msg))
         self.opened = self._receive("opened").opened
+        self.id_space = int(fingerprint["id_space"])
+        self._check_verifier_id_space()
+
+    def _refuse(self, message: str) -> None:
+        """End the call and raise an error no retry can fix (a verifier that does not share our id space)."""
+        self._call.cancel()
+        raise VerifierError(message, grpc.StatusCode.FAILED_PRECONDITION)
+
+    def _check_verifier_id_space(self) -> None:
+        """An older verifier pairs on logit widths and may return padding ids: refuse it up front."""
+        theirs = self.opened.fingerprint.id_space
+        if theirs != self.id_space:
+            self._refuse(f"the verifier reports id space {theirs or 'none'} but this model's is {self.id_space}: "
+                         "it predates id-space pairing or serves another tokenizer; upgrade or re-point it")
 
     def _read(self) -> None:
         try:
@@ -119,6 +133,8 @@ class VerifierSession:
         verdict = message.verdict
         if verdict.seq != self._seq:
             raise VerifierError(f"verdict for seq {verdict.seq} arrived, expected {self._seq}")
+        if verdict.token_id >= self.id_space:
+            self._refuse(f"the verifier returned token {verdict.token_id}, outside the id space {self.id_space}")
         return VerdictResult(verdict.accepted, verdict.token_id, verdict.target_prob,
                              time.perf_counter() - t0, size, wire_size(message), verdict.server_seconds)
 

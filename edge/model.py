@@ -23,9 +23,10 @@ class EdgeModel:
                                     id_space=self.manifest.id_space)
         self.eos_ids = frozenset(self.manifest.eos_token_ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt, with the special tokens the tokenizer's template adds (e.g. BOS)."""
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt, with the special tokens the tokenizer's post-processor adds (e.g. BOS) unless
+        ``add_special_tokens`` is False (a rendered chat template already holds them)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -111,3 +111,30 @@ def test_bad_messages_files(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(ChatError, match=match):
         load_messages(path)
+
+
+def test_generate_with_chat_and_messages(slm_onnx, tmp_path):
+    """`edge generate --chat/--messages` renders the export's template and prints the rendered prompt first."""
+    import shutil
+
+    from tests.conftest import run_module
+
+    folder = tmp_path / "chat-export"
+    shutil.copytree(slm_onnx, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    expected = ChatTemplate.from_folder(folder).render(CONVERSATIONS[0])
+    proc = run_module("edge", "generate", "--model", str(folder), "--chat", CONVERSATIONS[0][0]["content"],
+                      "--temperature", "0", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(expected)
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps(CONVERSATIONS[1]))
+    proc = run_module("edge", "generate", "--model", str(folder), "--messages", str(messages),
+                      "--temperature", "0", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(ChatTemplate.from_folder(folder).render(CONVERSATIONS[1]))
+    proc = run_module("edge", "generate", "--model", str(slm_onnx), "--chat", "hi")
+    assert proc.returncode == 2 and "no chat template" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_module("edge", "generate", "--model", str(slm_onnx), "--chat", "hi", "--prompt", "x")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
