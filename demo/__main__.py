@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     with VerifierProcess(str(LLM_DIR)) as verifier:
         channel = connect(verifier.address)
         runner = Runner(model, channel, settings, args.seed)
-        cal = calibrate(runner, args.calibration_problems, settings)
+        cal = calibrate(runner, args.calibration_problems)
         # llm-only first, as before: the verifier's state (and so the timing) seen by each row is unchanged
         order = ["llm-only", *(name for name in POLICIES if name != "llm-only")]
         rows = {name: runner.policy(POLICIES[name], problems, POLICIES[name].threshold_from(cal)) for name in order}

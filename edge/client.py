@@ -20,7 +20,8 @@ from edge.transport import Transport
 from proto import hybrid_pb2 as pb
 from proto import hybrid_pb2_grpc as pb_grpc
 from proto.distribution import CodecSpec
-from proto.messages import codec_to_msg, fingerprint_to_msg, sampling_to_msg, wire_size
+from proto.fingerprint import describe_mismatch
+from proto.messages import codec_to_msg, fingerprint_from_msg, fingerprint_to_msg, sampling_to_msg, wire_size
 
 _END = object()
 PLAINTEXT = Transport()
@@ -81,6 +82,7 @@ class VerifierSession:
             open_msg.seed = seed
         self._send(pb.EdgeMessage(open=open_msg))
         self.opened = self._receive("opened").opened
+        self._fingerprint = fingerprint
         self.id_space = int(fingerprint["id_space"])
         self._check_verifier_id_space()
 
@@ -91,10 +93,13 @@ class VerifierSession:
 
     def _check_verifier_id_space(self) -> None:
         """An older verifier pairs on logit widths and may return padding ids: refuse it up front."""
-        theirs = self.opened.fingerprint.id_space
-        if theirs != self.id_space:
-            self._refuse(f"the verifier reports id space {theirs or 'none'} but this model's is {self.id_space}: "
-                         "it predates id-space pairing or serves another tokenizer; upgrade or re-point it")
+        theirs = fingerprint_from_msg(self.opened.fingerprint)
+        if theirs["id_space"] is None:
+            self._refuse("the verifier reports no id space: it predates id-space pairing (it could return "
+                         "padding ids); upgrade it")
+        mismatch = describe_mismatch(self._fingerprint, theirs)
+        if mismatch:
+            self._refuse(f"{mismatch}; re-point the edge to a verifier of this model pair")
 
     def _read(self) -> None:
         try:

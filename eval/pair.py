@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.sampling import SamplingSettings
 from edge.calibration import estimator_data, fit_estimators
-from edge.hybrid import HybridConfig
-from eval.taskeval import CALIBRATION_SEED
+from eval.taskeval import CALIBRATION_SEED, verify_all_records
 from models.demo_pair import COMMITTED_PAIR
 from models.task import MAX_SOLUTION_TOKENS, sample_problems
 from proto.distribution import CodecSpec
@@ -35,10 +33,10 @@ def ensure_export(source: Path = COMMITTED_PAIR / "slm", out: Path = SLM_EXPORT)
     return out
 
 
-def calibrate(runner, n: int, settings: SamplingSettings) -> dict:
-    """Verify-all on ``n`` training-split problems; per estimator, the line fit and thresholds."""
-    config = HybridConfig(threshold=float("-inf"), codec=CodecSpec("full32"), settings=settings,
-                          max_new_tokens=MAX_SOLUTION_TOKENS, record_all_estimators=True)
-    runs = runner.hybrid("calibration", config, sample_problems(n, "train", seed=CALIBRATION_SEED), report_q=True)
-    b, us = estimator_data([r for run in runs for r in run.result.records])
+def calibrate(runner, n: int) -> dict:
+    """Verify-all (full32) on ``n`` training-split problems at the runner's sampling settings; per estimator,
+    the line fit and thresholds."""
+    problems = sample_problems(n, "train", seed=CALIBRATION_SEED)
+    b, us = estimator_data(verify_all_records(runner, "calibration", problems, CodecSpec("full32"),
+                                              MAX_SOLUTION_TOKENS))
     return fit_estimators(b, us, target=REJECTION_TARGET, tolerated=TOLERATED_BETA)

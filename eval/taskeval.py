@@ -127,18 +127,20 @@ def load_prompts(source: str, n_calibration: int, n_test: int) -> tuple[list, li
     return [Prompt(p) for p in lines[:cut][:n_calibration]], [Prompt(p) for p in lines[cut:][:n_test]]
 
 
+def verify_all_records(runner: Runner, name: str, prompts, codec, max_new_tokens: int) -> list:
+    """Every position of a verify-all run over ``prompts``, with each estimator's u and the verifier's q(x):
+    the raw material of calibration (beta and u per position)."""
+    config = HybridConfig(threshold=float("-inf"), codec=codec, settings=runner.settings,
+                          max_new_tokens=max_new_tokens, record_all_estimators=True)
+    return [r for run in runner.hybrid(name, config, prompts, report_q=True) for r in run.result.records]
+
+
 def run_calibration(runner: Runner, cal_prompts, test_prompts, codec, max_new_tokens: int, target: float,
                     tolerated: float) -> dict:
     """Verify-all on both prompt sets (the verifier reports q(x)); fit on one, check on the other."""
-    config = HybridConfig(threshold=float("-inf"), codec=codec, settings=runner.settings,
-                          max_new_tokens=max_new_tokens, record_all_estimators=True)
-    records = {}
-    for name, prompts in (("calibration", cal_prompts), ("test", test_prompts)):
-        runs = runner.hybrid(name, config, prompts, report_q=True)
-        records[name] = [r for run in runs for r in run.result.records]
-    b, us = estimator_data(records["calibration"])
+    b, us = estimator_data(verify_all_records(runner, "calibration", cal_prompts, codec, max_new_tokens))
     fits = fit_estimators(b, us, target, tolerated)
-    tb, tus = estimator_data(records["test"])
+    tb, tus = estimator_data(verify_all_records(runner, "test", test_prompts, codec, max_new_tokens))
     s = runner.settings
     return {
         "fingerprint": runner.model.manifest.fingerprint,

@@ -100,7 +100,7 @@ def record_all(out: Path, problems: int, calibration_problems: int, seed: int, t
     with VerifierProcess(str(LLM_DIR)) as verifier:
         channel = connect(verifier.address)
         runner = Runner(model, channel, settings, seed)
-        cal = calibrate(runner, calibration_problems, settings)
+        cal = calibrate(runner, calibration_problems)
         manifest["thresholds"] = {f"{p.estimator}_{p.threshold}": p.threshold_from(cal)
                                   for p in POLICIES.values() if p.calibrated}
         for policy in tqdm(chosen, desc="policies", unit="policy"):
