@@ -21,7 +21,8 @@ def _local(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
 
     result = generate_local(model, prompt[1], args.max_new_tokens, settings, seed=args.seed)
     print(prompt[0] + result.text)
-    return {"tokens": len(result.token_ids), "tokens_per_s": round(result.tokens_per_s, 1),
+    return {"tokens": len(result.token_ids), "stopped": _stop_reason(result),
+            "tokens_per_s": round(result.tokens_per_s, 1),
             "prefill_ms": round(result.prefill_seconds * 1e3, 2), "loop_overhead": round(result.loop_overhead, 3)}
 
 
@@ -63,7 +64,7 @@ def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
             trace.close()
     print(prompt[0] + result.text)
     acc = result.acceptance_rate
-    return {"tokens": len(result.token_ids), "threshold": u_th if math.isfinite(u_th) else str(u_th),
+    return {"tokens": len(result.token_ids), "stopped": _stop_reason(result), "threshold": u_th if math.isfinite(u_th) else str(u_th),
             "transmission_rate": round(result.transmission_rate, 4),
             "acceptance_rate": None if acc is None else round(acc, 4),
             "uplink_bytes_per_token": round(result.uplink_bytes_per_token, 1),
@@ -71,6 +72,16 @@ def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
             "reconnects": sessions[0].reconnects if sessions else 0,
             "unverified_tokens": result.unverified,
             "cloud_errors": sessions[0].errors if sessions else []}
+
+
+def _stop_reason(result) -> str:
+    return "eos" if result.stopped_at_eos else "context_limit" if result.stopped_at_context_limit else "max_new_tokens"
+
+
+def _check_prompt_fits(model, prompt_ids: list[int]) -> None:
+    if model.context_full(len(prompt_ids)):
+        raise UserError(f"the prompt is {len(prompt_ids):,} tokens: no room left in the model's context limit of "
+                        f"{model.max_positions:,} positions; shorten it")
 
 
 def _failover(args):
@@ -115,12 +126,17 @@ def _generate(args) -> int:
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model = EdgeModel(args.model, providers=args.provider, threads=args.threads)
     prompt = _prompt(args, model)
+    _check_prompt_fits(model, prompt[1])
     try:
         summary = (_hybrid if args.verifier else _local)(args, model, settings, prompt)
     except VerifierError as exc:
         raise UserError(str(exc)) from None
     summary.update(providers=model.runtime.providers)
     print(json.dumps(summary) if args.json else "  ".join(f"{k}={v}" for k, v in summary.items()))
+    if summary["stopped"] == "context_limit":  # the text above is kept; say why it is shorter than asked
+        raise UserError(f"stopped after {summary['tokens']:,} of --max-new-tokens {args.max_new_tokens:,}: the "
+                        f"prompt ({len(prompt[1]):,} tokens) and the text reached the model's context limit of "
+                        f"{model.max_positions:,} positions")
     return 0
 
 

@@ -22,8 +22,11 @@ from proto import hybrid_pb2_grpc as pb_grpc
 from proto.distribution import CodecSpec
 from proto.fingerprint import describe_mismatch
 from proto.messages import codec_to_msg, fingerprint_from_msg, fingerprint_to_msg, sampling_to_msg, wire_size
+from proto.payload import max_encoded_size
 
 _END = object()
+# A Verify's bytes beside its distribution and pending ids: seq, draft id, field tags and length prefixes.
+VERIFY_ENVELOPE_BYTES = 32
 PLAINTEXT = Transport()
 
 
@@ -85,6 +88,7 @@ class VerifierSession:
         self._fingerprint = fingerprint
         self.id_space = int(fingerprint["id_space"])
         self._check_verifier_id_space()
+        self._check_message_limit(codec)
 
     def _refuse(self, message: str) -> None:
         """End the call and raise an error no retry can fix (a verifier that does not share our id space)."""
@@ -100,6 +104,16 @@ class VerifierSession:
         mismatch = describe_mismatch(self._fingerprint, theirs)
         if mismatch:
             self._refuse(f"{mismatch}; re-point the edge to a verifier of this model pair")
+
+    def _check_message_limit(self, codec: CodecSpec) -> None:
+        """A codec whose largest Verify cannot fit the verifier's message limit would be refused mid-generation
+        (RESOURCE_EXHAUSTED, which looks retryable): refuse the configuration up front instead."""
+        limit = self.opened.max_message_bytes  # 0: a verifier that does not say
+        worst = max_encoded_size(codec, self.id_space) + VERIFY_ENVELOPE_BYTES
+        if limit and worst > limit:
+            self._refuse(f"codec {codec.name} over {self.id_space:,} ids makes Verify messages of up to "
+                         f"{worst:,} bytes, over the verifier's limit of {limit:,} bytes; use --codec adaptive or "
+                         "topk, or raise the verifier's --max-message-bytes")
 
     def _read(self) -> None:
         try:
@@ -132,8 +146,13 @@ class VerifierSession:
         """Send the pending ids, the draft and its encoded distribution; wait for the Verdict."""
         self._seq += 1
         t0 = time.perf_counter()
-        size = self._send(pb.EdgeMessage(verify=pb.Verify(seq=self._seq, pending_ids=pending, draft_id=draft,
-                                                          distribution=distribution)))
+        request = pb.EdgeMessage(verify=pb.Verify(seq=self._seq, pending_ids=pending, draft_id=draft,
+                                                  distribution=distribution))
+        limit = self.opened.max_message_bytes
+        if limit and request.ByteSize() > limit:  # many pending ids: the server would refuse it, retry or not
+            self._refuse(f"a Verify of {request.ByteSize():,} bytes ({len(pending):,} pending ids) exceeds the "
+                         f"verifier's limit of {limit:,} bytes; raise the verifier's --max-message-bytes")
+        size = self._send(request)
         message = self._receive("verdict")
         verdict = message.verdict
         if verdict.seq != self._seq:

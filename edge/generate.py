@@ -17,6 +17,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     stopped_at_eos: bool = False
+    stopped_at_context_limit: bool = False  # the model's max positions were reached before max_new_tokens
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # all decode steps, wall time
     forward_seconds: float = 0.0  # ORT forward time within the decode steps
@@ -55,6 +56,9 @@ def generate_local(
             break
         if step + 1 == max_new_tokens:
             break  # the last token needs no forward pass of its own
+        if model.context_full(len(prompt_ids) + len(result.token_ids)):
+            result.stopped_at_context_limit = True
+            break
         t_fwd = time.perf_counter()
         logits = model.runtime.decode(token)
         result.forward_seconds += time.perf_counter() - t_fwd

@@ -84,6 +84,7 @@ class HybridResult:
     records: list[TokenRecord] = field(default_factory=list)
     text: str = ""
     stopped_at_eos: bool = False
+    stopped_at_context_limit: bool = False  # the SLM's max positions were reached before max_new_tokens
     uplink_bytes: int = 0  # every edge->cloud message on the wire: Open, Verify (pending ids included), Close
     downlink_bytes: int = 0
     seconds: float = 0.0
@@ -203,9 +204,13 @@ def generate_hybrid(
         if record.token in model.eos_ids:
             result.stopped_at_eos = True
             break
+        if len(result.token_ids) == config.max_new_tokens:
+            break  # the last token needs no forward pass of its own
+        if model.context_full(len(prompt_ids) + len(result.token_ids)):
+            result.stopped_at_context_limit = True
+            break
         t_step = time.perf_counter()
-        if len(result.token_ids) < config.max_new_tokens:
-            logits = model.runtime.decode(record.token)  # a rejected draft is replaced before the SLM sees it
+        logits = model.runtime.decode(record.token)  # a rejected draft is replaced before the SLM sees it
     if verifier is not None:
         verifier.close()
         result.uplink_bytes, result.downlink_bytes = verifier.uplink_bytes, verifier.downlink_bytes

@@ -38,6 +38,14 @@ class Manifest:
     opset: int
     parity: dict = field(default_factory=dict)  # max abs logit diff vs PyTorch, tolerance, prompts
     format: int = FORMAT_VERSION
+    # Files the graph needs beside it (external-data weights, e.g. model.onnx_data); copy them with it.
+    external_data: list[str] = field(default_factory=list)
+    max_positions: int | None = None  # the model's context limit (prompt + generated); None = not stated
+
+    @property
+    def required_files(self) -> list[str]:
+        """Every file of the folder the edge loads: graph, its external data, tokenizer, this manifest."""
+        return [self.model_file, *self.external_data, "tokenizer.json", MANIFEST_NAME]
 
     @property
     def fingerprint(self) -> dict:
@@ -71,9 +79,24 @@ def load_manifest(folder: str | Path) -> Manifest:
         raise ModelFolderError(f"{path} is not a valid manifest: {exc}") from None
     if manifest.format != FORMAT_VERSION:
         raise ModelFolderError(f"{path} has manifest format {manifest.format}, expected {FORMAT_VERSION}")
-    if not (folder / manifest.model_file).is_file():
-        raise ModelFolderError(f"{folder} lacks {manifest.model_file}; re-run python -m models export")
+    _check_fields(manifest, path)
+    missing = [name for name in manifest.required_files if not (folder / name).is_file()]
+    if missing:
+        raise ModelFolderError(f"{folder} lacks {', '.join(missing)} (an export folder needs "
+                               f"{', '.join(manifest.required_files)}): copy the whole folder, or re-run "
+                               "python -m models export")
     return manifest
+
+
+def _check_fields(manifest: Manifest, path: Path) -> None:
+    """The fields the edge acts on have the right types; listed files are plain names in the folder."""
+    files = manifest.external_data
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and Path(f).name == f for f in files):
+        raise ModelFolderError(f"{path}: external_data must be a list of file names in the folder, got "
+                               f"{str(files)[:200]}")
+    limit = manifest.max_positions
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ModelFolderError(f"{path}: max_positions must be a positive integer or null, got {str(limit)[:50]}")
 
 
 def _upgrade_format_1(data: dict, folder: Path) -> dict:

@@ -20,8 +20,14 @@ class EdgeModel:
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         # Logits come back sliced to the tokenizer's id space: padding rows are never seen past the runtime.
         self.runtime = OnnxCausalLM(self.folder / self.manifest.model_file, providers=providers, threads=threads,
-                                    id_space=self.manifest.id_space)
+                                    id_space=self.manifest.id_space, max_positions=self.manifest.max_positions)
         self.eos_ids = frozenset(self.manifest.eos_token_ids)
+        self.max_positions = self.manifest.max_positions
+
+    def context_full(self, total_tokens: int) -> bool:
+        """Whether a sequence of ``total_tokens`` (prompt + generated) has reached the context limit: the
+        generation loops stop there (and say so) rather than feed the model a position it has no room for."""
+        return self.max_positions is not None and total_tokens >= self.max_positions
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt, with the special tokens the tokenizer's post-processor adds (e.g. BOS) unless

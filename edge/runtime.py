@@ -8,6 +8,8 @@ What this wrapper guarantees:
 - ``prefill`` (many tokens), ``decode`` (one token) and ``truncate`` (drop cached positions, so a later
   rollback is cheap) on one sequence whose KV cache lives in the wrapper.
 - On CUDA, IO binding keeps the KV cache on the device between steps; only logits come back to the host.
+- A context limit (``max_positions``, from the manifest): feeding past it raises ContextLimitError, a
+  one-line error, instead of an ORT traceback from a position table that has run out.
 - Logits come back sliced to the tokenizer's id space N (``id_space``): every caller (the hybrid loop,
   SLM-only generation, the uncertainty estimators) sees [N] rows, never the model's padding rows past N.
 """
@@ -46,6 +48,17 @@ def choose_providers(requested: str | list[str] | None = "auto") -> list[str]:
     return chosen
 
 
+class ContextLimitError(ValueError):
+    """Feeding these tokens would take the sequence past the model's context limit."""
+
+
+def check_context(cached: int, n_new: int, max_positions: int | None) -> None:
+    """Raise ContextLimitError when ``cached + n_new`` positions exceed ``max_positions`` (None = no limit)."""
+    if max_positions is not None and cached + n_new > max_positions:
+        raise ContextLimitError(f"{cached + n_new:,} tokens exceed the model's context limit of {max_positions:,} "
+                                f"positions ({cached:,} already in the sequence, {n_new:,} more asked for)")
+
+
 @dataclass
 class KVCache:
     """Past keys/values of one sequence: ``arrays[name]`` is [1, kv_heads, length, head_dim]."""
@@ -58,11 +71,12 @@ class OnnxCausalLM:
     """One sequence's decoder: prefill, decode one token, truncate the cache.
 
     ``id_space``: the tokenizer's N; logits are returned as [.., N]. None keeps every logit row (the export's
-    parity check compares the whole output layer).
+    parity check compares the whole output layer). ``max_positions``: the context limit; None = unchecked.
     """
 
     def __init__(self, onnx_path: str | Path, providers: str | list[str] | None = "auto", threads: int = 0,
-                 id_space: int | None = None):
+                 id_space: int | None = None, max_positions: int | None = None):
+        self.max_positions = max_positions
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -111,6 +125,7 @@ class OnnxCausalLM:
         input_ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         if input_ids.shape[1] == 0:
             raise ValueError("forward needs at least one token")
+        check_context(self.cache.length, input_ids.shape[1], self.max_positions)
         feeds = self._feeds(input_ids)
         logits = self._forward_bound(feeds, input_ids.shape[1]) if self.on_cuda else self._forward_host(feeds)
         return logits[:, : self.id_space]  # [n_new, N]: the one place padding rows are dropped

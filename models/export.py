@@ -19,6 +19,7 @@ import numpy as np
 
 from edge.manifest import Manifest
 from edge.runtime import OnnxCausalLM
+from models.metadata import eos_token_ids, external_data_files, max_positions
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
 MODEL_FILE = "model.onnx"
@@ -97,15 +98,6 @@ def _opset(path: Path) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _eos_ids(model_source: str) -> list[int]:
-    from transformers import AutoConfig, AutoTokenizer
-
-    eos = getattr(AutoConfig.from_pretrained(model_source), "eos_token_id", None)
-    if eos is None:
-        eos = AutoTokenizer.from_pretrained(model_source).eos_token_id
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-
-
 def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) -> Manifest:
     """Export ``model`` into ``out`` (model.onnx, tokenizer, manifest.json); returns the manifest."""
     if fp16 and int8:
@@ -138,20 +130,23 @@ def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) 
         except ValueError as exc:
             raise ExportError(str(exc)) from None
         tok = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
         manifest = Manifest(
             source=str(model),
             model_file=MODEL_FILE,
-            model_type=AutoConfig.from_pretrained(model).model_type,
+            model_type=config.model_type,
             logit_width=runtime.logit_width,
             id_space=n,
             tokenizer_hash=tokenizer_hash(staging / "tokenizer.json"),
             bos_token_id=tok.bos_token_id,
-            eos_token_ids=_eos_ids(model),
+            eos_token_ids=eos_token_ids(model),
             inputs=[i.name for i in runtime.session.get_inputs()],
             outputs=[o.name for o in runtime.session.get_outputs()],
             dtype=dtype,
             opset=_opset(onnx_path),
             parity=parity,
+            external_data=external_data_files(onnx_path),
+            max_positions=max_positions(config),
         )
         manifest.save(staging)
         if out.exists():

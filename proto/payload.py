@@ -113,6 +113,17 @@ def encoded_size(n: int, spec: CodecSpec, vocab_size: int, indices: np.ndarray |
     return header_and_indices + (n - 1) * spec.bits // 8 + ((n - 1) * spec.bits % 8 > 0)
 
 
+def max_encoded_size(spec: CodecSpec, vocab_size: int) -> int:
+    """The most bytes :func:`encode` can produce for ``spec`` over ``vocab_size`` ids (any distribution):
+    what the edge checks against the verifier's message limit before it sends anything."""
+    if spec.name in ("full32", "full16", "topk"):
+        n = min(spec.k, vocab_size) if spec.name == "topk" else vocab_size
+        return encoded_size(n, spec, vocab_size)
+    n = min(spec.k_max, vocab_size)
+    index_bytes = int(varint_lengths(np.array([vocab_size - 1]))[0])  # no delta exceeds the largest id
+    return int(varint_lengths(np.array([n]))[0]) + n * index_bytes + ((n - 1) * spec.bits + 7) // 8
+
+
 # ----------------------------------------------------------------------------------------------------
 # encode
 # ----------------------------------------------------------------------------------------------------

@@ -64,11 +64,15 @@ class FixedRuntime:
 
 
 class FakeModel:
-    """What ``generate_hybrid`` uses of an ``EdgeModel``: runtime, eos_ids, decode."""
+    """What ``generate_hybrid`` uses of an ``EdgeModel``: runtime, eos_ids, context_full, decode."""
 
-    def __init__(self, cycle: list[np.ndarray]):
+    def __init__(self, cycle: list[np.ndarray], max_positions: int | None = None):
         self.runtime = FixedRuntime(cycle)
         self.eos_ids = frozenset()
+        self.max_positions = max_positions
+
+    def context_full(self, total_tokens: int) -> bool:
+        return self.max_positions is not None and total_tokens >= self.max_positions
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(map(str, ids))
@@ -231,3 +235,15 @@ def test_a_lost_session_carries_the_tokens_generated_so_far():
     assert len(partial.token_ids) == 15  # 7 verified positions and the 8 kept ones before the failing send
     assert partial.token_ids == opened[0].context[len(PROMPT):] + [partial.token_ids[-1]]
     assert opened[0].closed
+
+
+@pytest.mark.parametrize("limit", [len(PROMPT) + 1, len(PROMPT) + 9])
+def test_the_loop_stops_at_the_context_limit_with_the_tokens_so_far(limit):
+    """A model with ``max_positions`` positions: prompt + generated never exceeds it, the result says the
+    limit stopped it, and the runtime is never asked for a position past the limit."""
+    model = FakeModel([P_SURE, P_UNSURE], max_positions=limit)
+    result = generate_hybrid(model, PROMPT, config_for(0.3, tokens=50), seed=2,
+                             open_session=lambda *a: InProcessVerifier(*a, seed=2))
+    assert len(PROMPT) + len(result.token_ids) == limit
+    assert result.stopped_at_context_limit and not result.stopped_at_eos
+    assert len(PROMPT) + model.runtime.position < limit  # the last fed position is limit - 1
