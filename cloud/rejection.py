@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.sampling import sample
 
 
 def _check_draft(draft: int, p_tilde: np.ndarray, q: np.ndarray) -> None:
@@ -50,19 +49,26 @@ def _nonzero_support_prob(p_tilde: np.ndarray, draft: int) -> float:
 
 
 def _sample_residual(p_tilde: np.ndarray, q: np.ndarray, rng: np.random.Generator) -> int:
-    """Recovered token: one draw from norm(max(0, q - p~)), or from q if that residual is all zero."""
+    """Recovered token: one draw from norm(max(0, q - p~)), or from q if that residual is all zero.
+
+    The draw is an exponential race, not an inverse CDF: every id i of the id space gets its own
+    ``E_i ~ Exp(1)`` from ``rng`` and the token is ``argmin E_i / w_i`` over the weights ``w``; the winner is
+    i with probability ``w_i / sum(w)`` exactly. Why: the verifier recomputes q after a failover or a
+    replay (one prefill instead of many cached steps) and in other batch shapes, and those forwards differ
+    in the last float bits. An inverse CDF over a 32k-150k cumulative sum turns such noise into a
+    neighbouring id whenever ``u`` lands near one of V boundaries (a replayed demo-LLM session resampled
+    7743 where the original had 7744); the race changes its winner only when the two smallest keys are
+    within that noise of each other (tests/test_rejection.py measures both).
+    """
     residual = np.maximum(q - p_tilde, 0.0)  # [V]
-    support = np.flatnonzero(residual)  # [n] ids with positive residual mass
-    if support.size == 0:
+    if not residual.any():
         # Only reachable by rounding (a rejection implies q[x] < p~[x], so q > p~ somewhere when both sum
         # to 1): q itself is then the best available answer.
-        support = np.flatnonzero(q)
-        weights = q[support]
-    else:
-        weights = residual[support]  # [n]
-    # Sampling over the support only (not the dense [V] array) means the inverse CDF can never land on a
-    # zero-weight id, even when u * total rounds up to the total.
-    return int(support[sample(weights, rng)])
+        residual = q
+    race = rng.standard_exponential(q.shape[0])  # [V]: one per id, whichever ids have mass
+    with np.errstate(divide="ignore"):
+        keys = race / residual  # [V]: +inf where the weight is 0, so a zero-weight id never wins
+    return int(np.argmin(keys))
 
 
 def verify_draft(draft: int, p_tilde: np.ndarray, q: np.ndarray, rng: np.random.Generator,
