@@ -33,11 +33,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.sampling import top_k_ids
+
 CODEC_NAMES = ("full32", "full16", "topk", "adaptive")
 
 TOPK_TOTAL = 255  # topk counts are uint8 and sum to exactly this
 MAX_VOCAB = 2**32  # topk indices are uint32
 FLOAT_DTYPES = {"full32": np.dtype("<f4"), "full16": np.dtype("<f2")}
+FLOAT16_MAX = 65504.0  # the largest finite float16; anything that rounds above it overflows to inf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,27 +208,15 @@ def _top_entries(p: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``m`` largest *nonzero* entries of ``p``: ids int64 [m'] and values float64 [m'], m' <= m,
     ordered by probability descending, then token id ascending.
 
-    ``argpartition`` is O(V) but picks arbitrarily among entries tied with the m-th largest value ``t``;
-    for reproducibility the tied slots go to the lowest ids, found by scanning ``p`` only up to the
-    highest tied id that argpartition picked. No full sort of ``V``.
+    :func:`core.sampling.top_k_ids` picks the set (linear time; among entries tied with the m-th largest
+    value the lowest ids win), so only the m' picked entries are sorted. Not ``np.argpartition`` over
+    ``V``: after top-k, top-p or greedy, ``p`` is ~all exact zeros, and argpartition degenerates on ties
+    (milliseconds at a 150k vocabulary).
     """
-    vocab = p.size
-    m = min(m, vocab)
-    cand = np.argpartition(p, vocab - m)[vocab - m:]  # [m] ids of some m largest entries
-    cand_vals = p[cand]  # [m]
-    t = cand_vals.min()
-    if t == 0:
-        # Fewer than m nonzero entries: every nonzero entry is in cand (all others are <= t = 0).
-        ids = cand[cand_vals > 0]
-    else:
-        above = cand[cand_vals > t]  # every entry > t is in cand
-        n_ties = m - above.size
-        last_tie = int(cand[cand_vals == t].max())
-        ties = np.flatnonzero(p[: last_tie + 1] == t)[:n_ties]  # the lowest-id entries equal to t
-        ids = np.concatenate([above, ties])
+    ids = top_k_ids(p, m, floor=0.0).astype(np.int64, copy=False)
     vals = p[ids]
     order = np.lexsort((ids, -vals))  # primary: value descending; secondary: id ascending
-    return ids[order].astype(np.int64, copy=False), vals[order]
+    return ids[order], vals[order]
 
 
 def quantize(vals: np.ndarray, total: int, raise_zeros: bool = True) -> np.ndarray:
@@ -261,27 +252,61 @@ def quantize(vals: np.ndarray, total: int, raise_zeros: bool = True) -> np.ndarr
     return counts
 
 
+def _float16_grid(x: np.ndarray) -> np.ndarray:
+    """``x.astype(float16).astype(float64)`` for finite ``x >= 0`` [n], bit for bit, in float64 arithmetic.
+
+    numpy's float64 -> float16 cast takes ~70 ns an entry when entries underflow (11 ms for a temperature-1
+    distribution over 150k tokens); this takes ~1 ns. Adding and subtracting ``c = 1.5 * 2**(52 + s)``
+    rounds ``x`` to a multiple of ``2**s`` with ties to even, the IEEE rounding of the cast, when
+    ``2**s`` is float16's spacing at ``x``: ``2**(e - 10)`` for ``x`` in ``[2**e, 2**(e + 1))``, and
+    ``2**-24`` below ``2**-14`` (subnormals). Building ``c`` from ``x``'s exponent bits needs no log2;
+    the exponent is clamped to [-14, 16]: -14 for the subnormals' fixed spacing, 16 so that ``c`` stays
+    finite (anything that large overflows anyway).
+    """
+    exponent = x.view(np.int64) & np.int64(0x7FF0000000000000)  # [n] biased exponent, still in place
+    np.clip(exponent, (1023 - 14) << 52, (1023 + 16) << 52, out=exponent)
+    exponent += (52 - 10) << 52 | 1 << 51  # exponent + 42 with the top mantissa bit: 1.5 * 2**(e + 42)
+    c = exponent.view(np.float64)  # [n]
+    out = x + c
+    out -= c
+    out[out > FLOAT16_MAX] = np.inf
+    return out
+
+
+def _round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` [n] rounded to ``dtype`` as the wire carries it: float32 values, or float16 values held in float64."""
+    if dtype == np.float16:
+        return _float16_grid(x)
+    with np.errstate(over="ignore"):  # overflow is reported by the caller, as a ValueError
+        return x.astype(dtype)
+
+
 def _compress_float(p: np.ndarray, dtype: np.dtype) -> Compressed:
-    with np.errstate(over="ignore"):  # overflow is reported below, as a ValueError
-        values = p.astype(dtype)  # [V] the values that go on the wire
+    # After top-k, top-p or greedy only a few entries are nonzero: round just those (one compare pass);
+    # rounding all of V costs more than finding them. Either way the same values end up at the same ids.
+    positive = p > 0  # [V]
+    ids = np.flatnonzero(positive) if np.count_nonzero(positive) * 8 < p.size else None
+    values = _round_to(p if ids is None else p[ids], dtype)  # [V] or [n]
     if not np.isfinite(values).all():
         raise ValueError(f"p overflows {dtype.name}; pass a normalized distribution")
-    c = from_float_values(values)
+    c = from_float_values(values, ids)
     if c is None:
         raise ValueError(f"every entry of p underflows to 0 in {dtype.name}")
     return c
 
 
-def from_float_values(values: np.ndarray) -> Compressed | None:
-    """``p~`` of a float vector [V] as sent on the wire (None when it is all zero).
+def from_float_values(values: np.ndarray, ids: np.ndarray | None = None) -> Compressed | None:
+    """``p~`` of a float vector as sent on the wire (None when it is all zero): ``values`` [V], or
+    ``values`` [n] at tokens ``ids`` [n] (ascending) with every other token 0.
 
     Shared by compress and decode so that both compute the same support, weights and total: the total
     is the sum of the nonzero weights, taken the same way on both sides.
     """
-    support = np.flatnonzero(values)  # [n]
-    if support.size == 0:
+    nonzero = np.flatnonzero(values != 0)  # [n'] a bool mask: much faster than nonzero() on floats
+    if nonzero.size == 0:
         return None
-    weights = values[support].astype(np.float64)  # [n] exact: float32/16 -> float64 is lossless
+    weights = values[nonzero].astype(np.float64)  # [n'] exact: float32/16 -> float64 is lossless
+    support = nonzero if ids is None else ids[nonzero]
     return Compressed(support, weights, float(weights.sum()))
 
 
