@@ -2,7 +2,8 @@
 
 Each server gets its own registry (tests run several servers in one process); ``serve_metrics`` exposes
 it over HTTP with prometheus_client's own server. The acceptance rate is
-``verifier_accepted_total / verifier_verifies_total`` (Prometheus computes rates from counters).
+``verifier_accepted_total / verifier_drafts_total`` (Prometheus computes rates from counters); a block
+of drafted positions is one Verify and several drafts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class VerifierMetrics:
         self.sessions_opened = Counter("verifier_sessions_opened", "sessions opened", registry=r)
         self.verifies = Counter("verifier_verifies", "Verify messages answered", registry=r)
         self.accepted = Counter("verifier_accepted", "drafts accepted", registry=r)
+        self.drafts = Counter("verifier_drafts", "drafted positions verified (a block counts each)", registry=r)
+        self.stale = Counter("verifier_stale_verifies", "Verify messages drafted in an ended epoch", registry=r)
         self.verify_seconds = Histogram("verifier_verify_seconds", "time from receiving a Verify to its Verdict",
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.evictions = Counter("verifier_evictions", "sessions ended by the verifier", ["reason"], registry=r)

@@ -32,8 +32,8 @@ from grpc_reflection.v1alpha import reflection
 from cloud.auth import TokenAuthInterceptor, TokenStore
 from cloud.engine import SessionState, VerifierModel
 from cloud.metrics import VerifierMetrics
-from cloud.validate import (INVALID, ORDER, SessionAbort, check_codec, check_fingerprint, check_prompt,
-                            check_sampling, check_verify)
+from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_fingerprint, check_prompt,
+                            check_protocol, check_sampling, check_verify)
 from core.process import VERIFIER_READY
 from proto import hybrid_pb2 as pb
 from proto.messages import fingerprint_to_msg
@@ -179,26 +179,33 @@ class VerifierServicer:
         if kind != "open":
             raise SessionAbort(ORDER, f"a session must start with Open, got {kind or 'an empty message'}", "order")
         op, n = msg.open, self.engine.id_space
+        check_protocol(op)
         check_fingerprint(op.fingerprint, self.engine.fingerprint, "Open")
         settings = check_sampling(op.sampling, n, "Open")
         codec = check_codec(op.codec, n)
         prompt = check_prompt(op.prompt_ids, n, self.max_context, "Open.prompt_ids")
-        state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None)
+        state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None, op.epoch)
         state.report_target_prob = op.report_target_prob
         self._admit(state)
         return state
 
     def _verify(self, state: SessionState, v: pb.Verify, expected_seq: int) -> pb.Verdict:
         t_received = time.perf_counter()
-        pending, p_tilde = check_verify(v, expected_seq, len(state.context), state.codec, self.engine.id_space,
-                                        self.max_context)
-        outcome = self.engine.verify(state, pending, v.draft_id, p_tilde)
+        checked = check_verify(v, expected_seq, len(state.context), state.epoch, state.codec, self.engine.id_space,
+                               self.max_context)
+        if checked is STALE:  # drafted on a branch a rejection has ended: answer it, change nothing
+            self.metrics.stale.inc()
+            return pb.Verdict(seq=v.seq, stale=True, epoch=state.epoch,
+                              server_seconds=time.perf_counter() - t_received)
+        outcome = self.engine.verify(state, checked.pending, checked.block)
         seconds = time.perf_counter() - t_received
         self.metrics.verifies.inc()
-        self.metrics.accepted.inc(outcome.accepted)
+        self.metrics.accepted.inc(outcome.accepted_count)
+        self.metrics.drafts.inc(len(checked.block))
         self.metrics.verify_seconds.observe(seconds)
         return pb.Verdict(seq=v.seq, accepted=outcome.accepted, token_id=outcome.token,
-                          target_prob=outcome.target_prob if state.report_target_prob else 0.0,
+                          accepted_count=outcome.accepted_count, epoch=state.epoch,
+                          target_probs=outcome.target_probs if state.report_target_prob else [],
                           server_seconds=seconds)
 
     def _after_close(self, inbox: Inbox) -> None:

@@ -7,6 +7,8 @@ rejected messages by. The servicer turns it into ``context.abort``: only that cl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from core.sampling import SamplingSettings
@@ -14,7 +16,7 @@ from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, Compressed
 from proto.payload import CodecError, decode
 from proto.fingerprint import describe_mismatch
-from proto.messages import codec_from_msg, fingerprint_from_msg, sampling_from_msg
+from proto.messages import PROTOCOL_VERSION, codec_from_msg, fingerprint_from_msg, sampling_from_msg
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 ORDER = grpc.StatusCode.FAILED_PRECONDITION
@@ -93,24 +95,67 @@ def check_prompt(ids, n: int, max_context: int, what: str, extra: int = 0) -> li
     return check_ids(ids, n, what)
 
 
-def check_verify(v: pb.Verify, expected_seq: int, context_len: int, codec: CodecSpec, n: int,
-                 max_context: int) -> tuple[list[int], Compressed]:
-    """The pending ids and the decoded p~ (over the id space ``n``) of a well-formed Verify, or SessionAbort
-    naming what is wrong."""
+def check_protocol(op: pb.Open) -> None:
+    """FAILED_PRECONDITION unless the client speaks this verifier's protocol version."""
+    if op.protocol == PROTOCOL_VERSION:
+        return
+    if op.protocol < PROTOCOL_VERSION:
+        raise SessionAbort(ORDER, f"this client speaks protocol {op.protocol or 1} (one draft per Verify, no "
+                           f"positions or epochs); this verifier speaks protocol {PROTOCOL_VERSION}: upgrade the "
+                           "edge", "protocol")
+    raise SessionAbort(ORDER, f"Open.protocol is {op.protocol}, newer than this verifier's {PROTOCOL_VERSION}: "
+                       "upgrade the verifier", "protocol")
+
+
+@dataclass(frozen=True)
+class CheckedVerify:
+    """A well-formed Verify of the session's current epoch: pending ids and the block's (draft, p~) pairs."""
+
+    pending: list[int]
+    block: list[tuple[int, Compressed]]
+
+
+STALE = "stale"  # what check_verify returns for a Verify drafted in an ended epoch
+
+
+def check_verify(v: pb.Verify, expected_seq: int, context_len: int, epoch: int, codec: CodecSpec, n: int,
+                 max_context: int) -> CheckedVerify | str:
+    """The checked content of a Verify, ``STALE`` for one drafted in an ended epoch, or SessionAbort naming
+    what is wrong. ``context_len`` and ``epoch`` are the session's agreed length and current epoch."""
     if v.seq != expected_seq:
-        raise SessionAbort(INVALID, f"Verify.seq is {v.seq}, expected {expected_seq} (one Verify at a time, "
-                           "numbered from 1)", "seq")
-    if context_len + len(v.pending_ids) + 1 > max_context:
-        raise SessionAbort(INVALID, f"Verify carries {len(v.pending_ids)} pending ids; the session would hold "
-                           f"{context_len + len(v.pending_ids) + 1} tokens, over the context limit of "
-                           f"{max_context}", "context")
+        raise SessionAbort(INVALID, f"Verify.seq is {v.seq}, expected {expected_seq} (numbered from 1, one more "
+                           "per Verify, stale ones included)", "seq")
+    if v.HasField("span") or v.HasField("step"):
+        raise SessionAbort(grpc.StatusCode.UNIMPLEMENTED, f"Verify.{'span' if v.HasField('span') else 'step'} is "
+                           "not served by this verifier yet: send a block without it", "unimplemented")
+    if v.epoch > epoch:
+        raise SessionAbort(INVALID, f"Verify.epoch is {v.epoch}, but the session is in epoch {epoch}: an epoch "
+                           "only ends with a rejection the verifier sent (client bug)", "epoch")
+    if v.epoch < epoch:
+        return STALE
+    if v.position != context_len:
+        raise SessionAbort(INVALID, f"Verify.position is {v.position}, but the session holds {context_len} agreed "
+                           "tokens: the first pending id (or draft) must come right after them (client bug)",
+                           "position")
+    if not v.block:
+        raise SessionAbort(INVALID, "Verify.block is empty: send at least one drafted position", "block")
+    total = context_len + len(v.pending_ids) + len(v.block)
+    if total > max_context:
+        raise SessionAbort(INVALID, f"Verify carries {len(v.pending_ids)} pending ids and {len(v.block)} drafts; "
+                           f"the session would hold {total} tokens, over the context limit of {max_context}",
+                           "context")
     pending = check_ids(v.pending_ids, n, "Verify.pending_ids")
-    check_ids([v.draft_id], n, "Verify.draft_id")
+    return CheckedVerify(pending, [_check_drafted(d, j, codec, n) for j, d in enumerate(v.block)])
+
+
+def _check_drafted(d: pb.DraftedPosition, j: int, codec: CodecSpec, n: int) -> tuple[int, Compressed]:
+    """One drafted position of a block: its token and decoded p~, with the draft inside p~'s support."""
+    check_ids([d.token_id], n, f"Verify.block[{j}].token_id")
     try:
-        p_tilde = decode(v.distribution, codec, n)
+        p_tilde = decode(d.distribution, codec, n)
     except CodecError as exc:
-        raise SessionAbort(INVALID, f"Verify.distribution: {exc}", "distribution") from None
-    if not p_tilde.contains(v.draft_id):
-        raise SessionAbort(INVALID, f"draft {v.draft_id} has probability 0 in the sent distribution; drafts must be "
-                           "drawn from the distribution that is sent", "draft_support")
-    return pending, p_tilde
+        raise SessionAbort(INVALID, f"Verify.block[{j}].distribution: {exc}", "distribution") from None
+    if not p_tilde.contains(d.token_id):
+        raise SessionAbort(INVALID, f"Verify.block[{j}]: draft {d.token_id} has probability 0 in the sent "
+                           "distribution; drafts must be drawn from the distribution that is sent", "draft_support")
+    return d.token_id, p_tilde

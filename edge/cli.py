@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from core.cli import (OneLineParser, UserError, addresses, non_negative_float, positive_int, positive_seconds,
-                      run_cli, threshold, unit_interval)
+from core.cli import (OneLineParser, UserError, addresses, non_negative_float, non_negative_int, positive_int,
+                      positive_seconds, run_cli, threshold, unit_interval)
 from edge.calibration import load_calibration, threshold_for
 from edge.hybrid import DEFAULT_THRESHOLD
 from edge.manifest import ModelFolderError
@@ -41,7 +41,7 @@ def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
                             f"not this model ({model.manifest.fingerprint})")
         u_th = threshold_for(calibration, args.uncertainty, args.risk)
     config = HybridConfig(threshold=u_th, estimator=args.uncertainty, codec=codec, settings=settings,
-                          max_new_tokens=args.max_new_tokens, samples=args.samples)
+                          max_new_tokens=args.max_new_tokens, samples=args.samples, lookahead=args.lookahead)
     failover, transport = _failover(args), _transport(args)
     sessions: list[ResilientSession] = []
 
@@ -51,27 +51,50 @@ def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
         return sessions[-1]
 
     trace = open(args.trace, "w") if args.trace else None
+    printer = CommittedText(model, prompt[0])
     try:
         result = generate_hybrid(model, prompt[1], config, seed=args.seed,
-                                 open_session=open_session, trace=trace)
+                                 open_session=open_session, trace=trace, on_commit=printer.add)
     except VerifierError as exc:
         partial = getattr(exc, "partial", None)
-        if partial is not None and partial.token_ids:  # nothing is lost: print what was generated
-            print(prompt[0] + model.decode(partial.token_ids))
+        printer.finish(partial.token_ids if partial is not None else [])  # nothing is lost: what was committed
         raise
     finally:
         if trace:
             trace.close()
-    print(prompt[0] + result.text)
+    printer.finish(result.token_ids)
     acc = result.acceptance_rate
     return {"tokens": len(result.token_ids), "stopped": _stop_reason(result), "threshold": u_th if math.isfinite(u_th) else str(u_th),
             "transmission_rate": round(result.transmission_rate, 4),
             "acceptance_rate": None if acc is None else round(acc, 4),
             "uplink_bytes_per_token": round(result.uplink_bytes_per_token, 1),
+            "lookahead": args.lookahead, "rolled_back": len(result.rolled_back),
+            "stale_verifies": result.stale_verifies,
             "tokens_per_s": round(result.tokens_per_s, 1),
             "reconnects": sessions[0].reconnects if sessions else 0,
             "unverified_tokens": result.unverified,
             "cloud_errors": sessions[0].errors if sessions else []}
+
+
+class CommittedText:
+    """Prints the prompt, then the generated text as it is committed (never a token a rejection could take
+    back), then a newline. Holds back a trailing partial UTF-8 character until its next token arrives."""
+
+    def __init__(self, model, prompt_text: str):
+        self.model, self.ids, self.printed = model, [], ""
+        print(prompt_text, end="", flush=True)
+
+    def add(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        text = self.model.decode(self.ids)
+        if not text.endswith("\ufffd") and text.startswith(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+    def finish(self, final_ids: list[int]) -> None:
+        """Print whatever of ``final_ids`` (the committed tokens of the whole run) is not printed yet."""
+        text = self.model.decode(list(final_ids))
+        print(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text, flush=True)
 
 
 def _stop_reason(result) -> str:
@@ -173,6 +196,9 @@ def build_parser() -> OneLineParser:
     h.add_argument("--eps", type=float, default=0.01, help="adaptive: tail mass left out")
     h.add_argument("--k-max", type=positive_int, default=64, help="adaptive: cap on entries sent")
     h.add_argument("--bits", type=positive_int, default=12, help="adaptive: probability resolution")
+    h.add_argument("--lookahead", type=non_negative_int, default=0,
+                   help="keep drafting this many tokens past the oldest unverified one while its verdict travels "
+                        "(pipelining; 0 = stop-and-wait). The tokens are the same at any value")
     h.add_argument("--timeout", type=non_negative_float, default=30.0, help="seconds to wait for any reply")
     h.add_argument("--trace", help="write one JSON line per generated token to this file")
     h.add_argument("--on-cloud-loss", default="fail", choices=["fail", "wait", "local"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
@@ -21,12 +22,15 @@ from proto import hybrid_pb2 as pb
 from proto import hybrid_pb2_grpc as pb_grpc
 from proto.distribution import CodecSpec
 from proto.fingerprint import describe_mismatch
-from proto.messages import codec_to_msg, fingerprint_from_msg, fingerprint_to_msg, sampling_to_msg, wire_size
+from proto.messages import PROTOCOL_VERSION, codec_to_msg, fingerprint_from_msg, fingerprint_to_msg, sampling_to_msg, wire_size
 from proto.payload import max_encoded_size
 
 _END = object()
-# A Verify's bytes beside its distribution and pending ids: seq, draft id, field tags and length prefixes.
-VERIFY_ENVELOPE_BYTES = 32
+# A Verify's bytes beside its distribution and pending ids: seq, position, epoch, draft id, tags, lengths.
+VERIFY_ENVELOPE_BYTES = 64
+# No verifier may set a message limit below this (cloud.server.ServerLimits): a Verify this small can go out
+# before Opened has said what the limit is.
+MIN_MESSAGE_LIMIT = 1024
 PLAINTEXT = Transport()
 
 
@@ -40,13 +44,28 @@ class VerifierError(RuntimeError):
 
 @dataclass(frozen=True)
 class VerdictResult:
-    accepted: bool
-    token: int
-    target_prob: float
+    accepted: bool  # every draft of the block was accepted
+    token: int  # the resampled token at the first rejection, or the block's last draft
+    target_prob: float  # q(first draft), when the session asked for it
     wait_seconds: float  # from sending Verify to receiving its Verdict
     uplink_bytes: int  # this Verify on the wire
     downlink_bytes: int  # its Verdict on the wire
     server_seconds: float  # the verifier's own time for it (queue for the model + forward + rejection)
+    accepted_count: int = 1  # the longest accepted prefix of the block
+    stale: bool = False  # drafted in an epoch that had ended: nothing was verified
+    epoch: int = 0  # the session's epoch after this Verify
+    target_probs: tuple[float, ...] = ()  # q(draft) per decided position, when asked for
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A Verify on its way: what its Verdict is matched and measured against."""
+
+    seq: int
+    t_sent: float
+    size: int
+    pending: int
+    block: int
 
 
 def connect(address: str, timeout: float = 10.0, transport: Transport = PLAINTEXT) -> grpc.Channel:
@@ -65,30 +84,50 @@ def connect(address: str, timeout: float = 10.0, transport: Transport = PLAINTEX
 
 
 class VerifierSession:
-    """One open session: ``verify`` per uncertain token, then ``close``."""
+    """One session on one stream: ``submit`` Verifies (without waiting), ``next_verdict`` in order, ``close``.
+
+    Protocol v2 (proto/hybrid.proto): each Verify names its position and epoch, so the edge may keep
+    drafting and sending while earlier Verdicts travel. The session does not wait for ``Opened`` before the
+    first Verify: it checks Opened (id space, message limit) when it arrives, and only a Verify larger than
+    any verifier's smallest allowed message limit waits for it first. It also tracks the agreed length and
+    epoch from the Verdicts, for ``verify``, the stop-and-wait shorthand.
+    """
+
+    lost = False  # a plain session never gives up quietly: failures raise
 
     def __init__(self, channel: grpc.Channel, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
                  codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, epoch: int = 0):
         self.timeout = timeout
         self.report_target_prob = report_target_prob
         self.uplink_bytes = self.downlink_bytes = 0
+        self.agreed = len(prompt_ids)  # tokens both sides agree on, as of the last Verdict received
+        self.epoch = epoch  # the session's epoch as of the last Verdict received
         self._seq = 0
+        self._in_flight: deque[_Sent] = deque()
+        self._opened: pb.Opened | None = None
+        self._codec = codec
+        self._fingerprint = fingerprint
+        self.id_space = int(fingerprint["id_space"])
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
         self._call = pb_grpc.VerifierStub(channel).Session(iter(self._requests.get, _END))
         threading.Thread(target=self._read, daemon=True).start()
         open_msg = pb.Open(fingerprint=fingerprint_to_msg(fingerprint), sampling=sampling_to_msg(settings),
-                           prompt_ids=prompt_ids, codec=codec_to_msg(codec),
-                           report_target_prob=report_target_prob)
+                           prompt_ids=prompt_ids, codec=codec_to_msg(codec), report_target_prob=report_target_prob,
+                           protocol=PROTOCOL_VERSION, epoch=epoch)
         if seed is not None:
             open_msg.seed = seed
         self._send(pb.EdgeMessage(open=open_msg))
-        self.opened = self._receive("opened").opened
-        self._fingerprint = fingerprint
-        self.id_space = int(fingerprint["id_space"])
-        self._check_verifier_id_space()
-        self._check_message_limit(codec)
+
+    @property
+    def opened(self) -> pb.Opened:
+        """The verifier's Opened, received (and checked) on first use."""
+        if self._opened is None:
+            self._opened = self._receive("opened").opened
+            self._check_verifier_id_space()
+            self._check_message_limit(self._codec)
+        return self._opened
 
     def _refuse(self, message: str) -> None:
         """End the call and raise an error no retry can fix (a verifier that does not share our id space)."""
@@ -97,7 +136,7 @@ class VerifierSession:
 
     def _check_verifier_id_space(self) -> None:
         """An older verifier pairs on logit widths and may return padding ids: refuse it up front."""
-        theirs = fingerprint_from_msg(self.opened.fingerprint)
+        theirs = fingerprint_from_msg(self._opened.fingerprint)
         if theirs["id_space"] is None:
             self._refuse("the verifier reports no id space: it predates id-space pairing (it could return "
                          "padding ids); upgrade it")
@@ -108,7 +147,7 @@ class VerifierSession:
     def _check_message_limit(self, codec: CodecSpec) -> None:
         """A codec whose largest Verify cannot fit the verifier's message limit would be refused mid-generation
         (RESOURCE_EXHAUSTED, which looks retryable): refuse the configuration up front instead."""
-        limit = self.opened.max_message_bytes  # 0: a verifier that does not say
+        limit = self._opened.max_message_bytes  # 0: a verifier that does not say
         worst = max_encoded_size(codec, self.id_space) + VERIFY_ENVELOPE_BYTES
         if limit and worst > limit:
             self._refuse(f"codec {codec.name} over {self.id_space:,} ids makes Verify messages of up to "
@@ -129,9 +168,9 @@ class VerifierSession:
         self._requests.put(msg)
         return size
 
-    def _receive(self, kind: str) -> pb.CloudMessage:
+    def _receive(self, kind: str, timeout: float | None = None) -> pb.CloudMessage:
         try:
-            item = self._responses.get(timeout=self.timeout)
+            item = self._responses.get(timeout=self.timeout if timeout is None else timeout)
         except queue.Empty:
             self._call.cancel()
             raise VerifierError(f"no {kind} from the verifier within {self.timeout:g} s") from None
@@ -142,25 +181,56 @@ class VerifierSession:
         self.downlink_bytes += wire_size(item)
         return item
 
-    def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult:
-        """Send the pending ids, the draft and its encoded distribution; wait for the Verdict."""
+    @property
+    def in_flight(self) -> int:
+        """Verifies sent whose Verdict has not been taken yet."""
+        return len(self._in_flight)
+
+    def submit(self, pending: list[int], position: int, epoch: int, block: list[tuple[int, bytes]]) -> int:
+        """Send a Verify of ``block`` ((draft, encoded p~) per drafted position) after ``pending``, drafted in
+        ``epoch`` with its first pending id at ``position``; returns its bytes on the wire. Does not wait."""
         self._seq += 1
-        t0 = time.perf_counter()
-        request = pb.EdgeMessage(verify=pb.Verify(seq=self._seq, pending_ids=pending, draft_id=draft,
-                                                  distribution=distribution))
-        limit = self.opened.max_message_bytes
-        if limit and request.ByteSize() > limit:  # many pending ids: the server would refuse it, retry or not
-            self._refuse(f"a Verify of {request.ByteSize():,} bytes ({len(pending):,} pending ids) exceeds the "
-                         f"verifier's limit of {limit:,} bytes; raise the verifier's --max-message-bytes")
+        request = pb.EdgeMessage(verify=pb.Verify(
+            seq=self._seq, pending_ids=pending, position=position, epoch=epoch,
+            block=[pb.DraftedPosition(token_id=t, distribution=d) for t, d in block]))
+        if request.ByteSize() > MIN_MESSAGE_LIMIT or self._opened is not None:
+            limit = self.opened.max_message_bytes  # a large Verify waits for Opened: it may not fit
+            if limit and request.ByteSize() > limit:  # many pending ids: the server would refuse it
+                self._refuse(f"a Verify of {request.ByteSize():,} bytes ({len(pending):,} pending ids) exceeds "
+                             f"the verifier's limit of {limit:,} bytes; raise the verifier's --max-message-bytes")
         size = self._send(request)
+        self._in_flight.append(_Sent(self._seq, time.perf_counter(), size, len(pending), len(block)))
+        return size
+
+    def next_verdict(self, wait: bool = True) -> VerdictResult | None:
+        """The Verdict of the oldest Verify in flight; None when ``wait`` is False and it has not arrived."""
+        if not self._in_flight:
+            raise VerifierError("next_verdict with no Verify in flight (client bug)")
+        for _ in range(2):  # Opened comes first on every session: take it (and check it) on the way
+            if not wait and self._responses.empty():
+                return None
+            if self._opened is not None:
+                break
+            _ = self.opened
         message = self._receive("verdict")
+        sent = self._in_flight.popleft()
         verdict = message.verdict
-        if verdict.seq != self._seq:
-            raise VerifierError(f"verdict for seq {verdict.seq} arrived, expected {self._seq}")
+        if verdict.seq != sent.seq:
+            raise VerifierError(f"verdict for seq {verdict.seq} arrived, expected {sent.seq}")
         if verdict.token_id >= self.id_space:
             self._refuse(f"the verifier returned token {verdict.token_id}, outside the id space {self.id_space}")
-        return VerdictResult(verdict.accepted, verdict.token_id, verdict.target_prob,
-                             time.perf_counter() - t0, size, wire_size(message), verdict.server_seconds)
+        if not verdict.stale:
+            self.agreed += sent.pending + verdict.accepted_count + (not verdict.accepted)
+            self.epoch = verdict.epoch
+        probs = tuple(verdict.target_probs)
+        return VerdictResult(verdict.accepted, verdict.token_id, probs[0] if probs else 0.0,
+                             time.perf_counter() - sent.t_sent, sent.size, wire_size(message), verdict.server_seconds,
+                             verdict.accepted_count, verdict.stale, verdict.epoch, probs)
+
+    def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult:
+        """Stop-and-wait shorthand: one drafted position after ``pending``, at the agreed position and epoch."""
+        self.submit(pending, self.agreed, self.epoch, [(draft, distribution)])
+        return self.next_verdict()
 
     def close(self) -> None:
         """End the session. After at least one Verify, say Close; a session that never verified just

@@ -18,8 +18,11 @@ sampling settings and codec on the wire are always the ones the loop drafts with
 
 from __future__ import annotations
 
+import secrets
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, TextIO, runtime_checkable
 
@@ -48,6 +51,11 @@ class HybridConfig:
     max_new_tokens: int = 64
     samples: int = 20  # K of the perturbation estimators
     record_all_estimators: bool = False  # calibration: compute every estimator's u at every position
+    lookahead: int = 0  # tokens drafted past the oldest unresolved Verify; 0 = stop-and-wait
+
+    def __post_init__(self):
+        if not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise ValueError(f"lookahead must be an integer >= 0, got {self.lookahead!r}")
 
 
 @runtime_checkable
@@ -57,9 +65,13 @@ class Verifier(Protocol):
     report_target_prob: bool  # the verifier reports q(draft) in each verdict (calibration)
     uplink_bytes: int  # every edge -> cloud message so far, Open included
     downlink_bytes: int
+    lost: bool  # the cloud is lost and the policy is to go on locally: nothing more is verified
 
-    def verify(self, pending: list[int], draft: int, payload: bytes) -> VerdictResult | None:
-        """The verdict on ``draft``; None when the cloud is lost and the policy is to go on locally."""
+    def submit(self, pending: list[int], position: int, epoch: int, block: list[tuple[int, bytes]]) -> int:
+        """Send a Verify without waiting; returns its wire bytes."""
+
+    def next_verdict(self, wait: bool = True) -> VerdictResult | None:
+        """The oldest unresolved Verify's verdict; None if not arrived (``wait`` False) or the cloud is lost."""
 
     def close(self) -> None: ...
 
@@ -81,13 +93,16 @@ class Draft:
 class HybridResult:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
-    records: list[TokenRecord] = field(default_factory=list)
+    records: list[TokenRecord] = field(default_factory=list)  # one per generated token, in order
     text: str = ""
     stopped_at_eos: bool = False
     stopped_at_context_limit: bool = False  # the SLM's max positions were reached before max_new_tokens
     uplink_bytes: int = 0  # every edge->cloud message on the wire: Open, Verify (pending ids included), Close
     downlink_bytes: int = 0
     seconds: float = 0.0
+    rolled_back: list[TokenRecord] = field(default_factory=list)  # drafts discarded by a rejection before them
+    stale_verifies: int = 0  # Verifies sent on a branch a rejection had ended (answered stale)
+    stale_uplink_bytes: int = 0
 
     @property
     def sent(self) -> int:
@@ -107,6 +122,11 @@ class HybridResult:
         return sum(r.unverified for r in self.records)
 
     @property
+    def round_trips(self) -> int:
+        """Verify messages sent, stale ones included."""
+        return self.sent + self.stale_verifies
+
+    @property
     def uplink_bytes_per_token(self) -> float:
         return self.uplink_bytes / len(self.token_ids) if self.token_ids else 0.0
 
@@ -115,48 +135,228 @@ class HybridResult:
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
 
 
-@dataclass
 class _Streams:
-    """The loop's random streams. Separate generators: the send decision's randomness must not be
-    correlated with the draft's."""
+    """The loop's randomness, keyed by (seed, stream, position) and never by how many draws came before: a
+    position's draft and estimator noise are the same whether it is drafted once (stop-and-wait), redrafted
+    after a rollback, or drafted ahead of a verdict (pipelined). Separate streams: the send decision's
+    randomness must not be correlated with the draft's."""
 
-    draft: np.random.Generator
-    u: np.random.Generator
+    def __init__(self, seed: int | None):
+        self.seed = secrets.randbits(63) if seed is None else seed
 
-    @classmethod
-    def seeded(cls, seed: int | None) -> _Streams:
-        make = (lambda i: np.random.default_rng([seed, i])) if seed is not None else (lambda i: np.random.default_rng())
-        return cls(make(0), make(1))
+    def draft(self, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 0, position])
+
+    def u(self, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 1, position])
 
 
-def draft_step(logits: np.ndarray, config: HybridConfig, estimator: Estimator, streams: _Streams) -> Draft:
+def draft_step(logits: np.ndarray, config: HybridConfig, estimator: Estimator, streams: _Streams,
+               position: int) -> Draft:
     """Form p from the SLM's ``logits`` [N] (already sliced to the id space), compress it to p~, draw the draft
-    from p~, measure u."""
+    from p~, measure u; every draw keyed by ``position``."""
     p_tilde = compress(probabilities(logits, config.settings), config.codec)
-    draft = p_tilde.sample(streams.draft)  # from p~, never from p: the verifier checks against p~
-    return Draft(p_tilde, draft, float(estimator(logits, draft, streams.u)))
+    draft = p_tilde.sample(streams.draft(position))  # from p~, never from p: the verifier checks against p~
+    return Draft(p_tilde, draft, float(estimator(logits, draft, streams.u(position))))
 
 
 def should_send(draft: Draft, config: HybridConfig, verifier: Verifier | None) -> bool:
     return verifier is not None and draft.u > config.threshold
 
 
-def verify_step(verifier: Verifier, pending: list[int], draft: Draft, config: HybridConfig, n: int,
-                result: HybridResult) -> VerdictResult | None:
-    """Send Verify{pending, x, p~ encoded over the id space ``n``}; a failure carries the tokens generated so
-    far (``exc.partial``)."""
-    try:
-        return verifier.verify(pending, draft.token, encode(draft.p_tilde, config.codec, n))
-    except VerifierError as exc:
-        exc.partial = result  # nothing is lost: the caller can print what was generated
-        verifier.close()
-        raise
+@dataclass
+class _InFlight:
+    """A Verify whose verdict has not been taken: the index of its drafted token, what it carried."""
+
+    index: int  # in the loop's token list
+    epoch: int
+    pending: int
+    bytes: int
+    dead: bool = False  # a rejection before it ended its epoch: its verdict will be stale
 
 
-def _write_open(trace: TextIO, config: HybridConfig, prompt_tokens: int, verifier: Verifier | None) -> None:
+class _Loop:
+    """One generation's state: tentative tokens and their records, pending ids, Verifies in flight, epoch.
+
+    Committed = every token before the oldest live Verify in flight: nothing can change those any more.
+    """
+
+    def __init__(self, model: EdgeModel, prompt_ids: list[int], config: HybridConfig, seed: int | None,
+                 verifier: Verifier | None, result: HybridResult, on_commit: Callable[[list[int]], None] | None):
+        self.model, self.prompt, self.config, self.verifier, self.result = model, prompt_ids, config, verifier, result
+        self.estimator = get_estimator(config.estimator, k=config.samples)
+        self.all_estimators = ({n: get_estimator(n, k=config.samples) for n in ESTIMATORS}
+                               if config.record_all_estimators else {})
+        self.streams = _Streams(seed)
+        self.n = model.runtime.id_space  # the width of every logit row the runtime returns
+        self.tokens, self.records = result.token_ids, result.records
+        self.pending: list[int] = []  # kept drafts of this epoch the verifier has not seen yet
+        self.in_flight: deque[_InFlight] = deque()
+        self.epoch = 0
+        self.logits: np.ndarray | None = None  # the SLM's logits at position len(prompt) + len(tokens)
+        self.on_commit, self.committed = on_commit, 0
+
+    # -- drafting ---------------------------------------------------------------------------------------
+    def position(self, index: int) -> int:
+        return len(self.prompt) + index
+
+    def finished_drafting(self) -> bool:
+        t = self.tokens
+        return (len(t) >= self.config.max_new_tokens or bool(t and t[-1] in self.model.eos_ids)
+                or self.model.context_full(self.position(len(t))))
+
+    def draft_next(self) -> None:
+        """Draft the next position (feeding the last token to the SLM first) and send it or keep it."""
+        t_step = time.perf_counter()
+        if self.model.runtime.cache.length < self.position(len(self.tokens)):  # the last token is not fed yet
+            self.logits = self.model.runtime.decode(self.tokens[-1])
+        position = self.position(len(self.tokens))
+        draft = draft_step(self.logits, self.config, self.estimator, self.streams, position)
+        record = TokenRecord.kept(position, draft.token, draft.u, draft.p_tilde.prob(draft.token),
+                                  time.perf_counter() - t_step)
+        if self.all_estimators:  # calibration: every estimator's u at this position, after the loop's own
+            record.u_all = {n: float(e(self.logits, draft.token, self.streams.u(position)))
+                            for n, e in self.all_estimators.items()}
+        self.tokens.append(draft.token)
+        self.records.append(record)
+        if should_send(draft, self.config, self.verifier):
+            self.send(draft, record)
+        else:
+            self.pending.append(draft.token)
+
+    def send(self, draft: Draft, record: TokenRecord) -> None:
+        """Submit Verify{pending, x, p~} for the token just drafted, unless the cloud is lost."""
+        if self.verifier.lost:
+            record.unverified = True  # sent, but the cloud is lost and the policy is to go on locally
+            self.pending.append(draft.token)
+            return
+        t0 = time.perf_counter()
+        payload = encode(draft.p_tilde, self.config.codec, self.n)
+        index = len(self.tokens) - 1
+        flight = _InFlight(index, self.epoch, len(self.pending), 0)
+        self.in_flight.append(flight)  # before submitting: if that fails, this draft is not committed
+        flight.bytes = self.verifier.submit(list(self.pending), self.position(index - len(self.pending)), self.epoch,
+                                            [(draft.token, payload)])
+        record.encode_s = time.perf_counter() - t0
+        self.pending = []
+
+    # -- verdicts ---------------------------------------------------------------------------------------
+    def must_wait(self) -> bool:
+        """Drafting pauses while ``lookahead`` tokens are drafted past the oldest live Verify, and at the end."""
+        if not self.in_flight:
+            return False
+        if self.finished_drafting():
+            return True  # drain every verdict (stale ones too) before closing
+        live = next((f for f in self.in_flight if not f.dead), None)  # stale verdicts block nothing
+        return live is not None and len(self.tokens) - live.index - 1 >= self.config.lookahead
+
+    def take_verdict(self, wait: bool) -> bool:
+        """Apply the oldest Verify's verdict; False when it has not arrived (``wait`` False)."""
+        t0 = time.perf_counter()
+        verdict = self.verifier.next_verdict(wait)
+        if verdict is None:
+            if self.verifier.lost:
+                self.give_up_verifying()
+            elif wait:
+                raise VerifierError("the verifier session returned no verdict while waiting (client bug)")
+            return False
+        blocked = time.perf_counter() - t0
+        flight = self.in_flight.popleft()
+        if flight.dead:
+            if not verdict.stale:
+                raise VerifierError("the verifier verified a Verify of an ended epoch (protocol error)")
+            self.result.stale_verifies += 1
+            self.result.stale_uplink_bytes += verdict.uplink_bytes
+            return True
+        if verdict.stale:
+            raise VerifierError(f"the verifier answered a Verify of the current epoch {flight.epoch} stale "
+                                "(protocol error)")
+        record = self.records[flight.index]
+        record.verified(verdict, flight.pending, self.verifier.report_target_prob)
+        record.blocked_s = blocked if wait else 0.0
+        if not verdict.accepted:
+            self.roll_back(flight.index, verdict.token)
+        self.commit()
+        return True
+
+    def roll_back(self, index: int, token: int) -> None:
+        """The draft at ``index`` was rejected: keep ``token`` there, discard everything drafted after it (and
+        the SLM's cache of it), end the epoch; Verifies already sent after it will come back stale."""
+        discarded = self.records[index + 1:]
+        for record in discarded:
+            record.rolled_back = True
+        self.result.rolled_back.extend(discarded)
+        del self.tokens[index + 1:], self.records[index + 1:]
+        self.tokens[index] = token
+        keep = self.position(index)  # the SLM's cache must not hold the rejected draft or anything after it
+        if self.model.runtime.cache.length > keep:
+            self.model.runtime.truncate(keep)
+        self.pending = []
+        self.epoch += 1
+        for flight in self.in_flight:
+            flight.dead = True
+
+    def give_up_verifying(self) -> None:
+        """The cloud is lost (policy local): every live Verify in flight keeps its draft, marked unverified."""
+        for flight in self.in_flight:
+            if not flight.dead:
+                self.records[flight.index].unverified = True
+        self.in_flight.clear()
+        self.commit()
+
+    def committed_upto(self) -> int:
+        """How many tokens are final: those before the oldest live Verify in flight."""
+        return next((f.index for f in self.in_flight if not f.dead), len(self.tokens))
+
+    def commit(self) -> None:
+        """Hand newly committed tokens to ``on_commit``."""
+        upto = self.committed_upto()
+        if upto > self.committed and self.on_commit is not None:
+            self.on_commit(self.tokens[self.committed:upto])
+        self.committed = max(self.committed, upto)
+
+    def keep_committed_only(self) -> None:
+        """After a failure: drop the tentative tokens (a verdict that will never come could change them)."""
+        upto = self.committed_upto()
+        del self.tokens[upto:], self.records[upto:]
+
+    def run(self) -> None:
+        while True:
+            while self.in_flight and self.take_verdict(wait=False):
+                pass  # take every verdict that has arrived before drafting on
+            if self.must_wait():
+                self.take_verdict(wait=True)
+                continue
+            if self.finished_drafting():
+                break
+            self.draft_next()
+            if not self.in_flight:
+                self.commit()
+
+
+def _write_open(trace: TextIO, config: HybridConfig, prompt_tokens: int, verifier: Verifier | None,
+                open_s: float) -> None:
     tr.write_open(trace, prompt_tokens, config.estimator, asdict(config.codec), config.threshold,
                   config.settings.temperature, verifier is not None,
-                  verifier.uplink_bytes if verifier else 0, verifier.downlink_bytes if verifier else 0)
+                  verifier.uplink_bytes if verifier else 0, verifier.downlink_bytes if verifier else 0,
+                  lookahead=config.lookahead, open_s=open_s)
+
+
+def _open_while_prefilling(model: EdgeModel, prompt_ids: list[int], config: HybridConfig,
+                           open_session: SessionOpener | None) -> tuple[Verifier | None, np.ndarray, float]:
+    """Connect and send Open on a thread while the SLM prefills the prompt (ORT releases the GIL), so the
+    handshake costs no time before the first draft; returns (session, logits, seconds the open took)."""
+    if open_session is None:
+        return None, model.runtime.prefill(prompt_ids), 0.0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        t0 = time.perf_counter()
+        opening = pool.submit(lambda: (open_session(list(prompt_ids), config.settings, config.codec),
+                                       time.perf_counter() - t0))
+        try:
+            logits = model.runtime.prefill(prompt_ids)
+        finally:
+            verifier, open_s = opening.result()  # a failure to open is raised here
+    return verifier, logits, open_s
 
 
 def generate_hybrid(
@@ -166,58 +366,42 @@ def generate_hybrid(
     seed: int | None = None,
     open_session: SessionOpener | None = None,
     trace: TextIO | None = None,
+    on_commit: Callable[[list[int]], None] | None = None,
 ) -> HybridResult:
     """Generate with the SLM, verifying uncertain tokens through the session ``open_session`` opens.
 
     Without ``open_session`` (or with threshold +inf) nothing is ever sent: SLM-only generation that
-    draws from the same compressed distribution.
+    draws from the same compressed distribution. ``config.lookahead`` > 0 keeps drafting while verdicts
+    travel; with the same seeds the tokens are the same at any lookahead. ``on_commit`` receives the token
+    ids as they become final (never a token a later rejection could take back).
     """
-    estimator = get_estimator(config.estimator, k=config.samples)
-    all_estimators = {n: get_estimator(n, k=config.samples) for n in ESTIMATORS} if config.record_all_estimators else {}
-    streams = _Streams.seeded(seed)
-    n = model.runtime.id_space  # the width of every logit row the runtime returns
     result = HybridResult(list(prompt_ids))
-    verifier = open_session(list(prompt_ids), config.settings, config.codec) if open_session else None
+    t_start = time.perf_counter()
+    verifier, logits, open_s = _open_while_prefilling(model, prompt_ids, config, open_session)
     if trace is not None:
-        _write_open(trace, config, len(prompt_ids), verifier)
-    t_start = t_step = time.perf_counter()
-    logits = model.runtime.prefill(prompt_ids)
-    pending: list[int] = []  # kept drafts the verifier has not seen yet
-    for _ in range(config.max_new_tokens):
-        draft = draft_step(logits, config, estimator, streams)
-        record = TokenRecord.kept(len(prompt_ids) + len(result.token_ids), draft.token, draft.u,
-                                  draft.p_tilde.prob(draft.token), time.perf_counter() - t_step)
-        if all_estimators:  # calibration: every estimator's u at this position, after the loop's own
-            record.u_all = {n: float(e(logits, draft.token, streams.u)) for n, e in all_estimators.items()}
-        send = should_send(draft, config, verifier)
-        verdict = verify_step(verifier, pending, draft, config, n, result) if send else None
-        if verdict is not None:
-            record.verified(verdict, len(pending), verifier.report_target_prob)
-            pending = []
-        else:
-            record.unverified = send  # sent, but the cloud is lost and the policy is to go on locally
-            pending.append(draft.token)
-        result.token_ids.append(record.token)
-        result.records.append(record)
-        if trace is not None:
-            tr.write_token(trace, record)
-        if record.token in model.eos_ids:
-            result.stopped_at_eos = True
-            break
-        if len(result.token_ids) == config.max_new_tokens:
-            break  # the last token needs no forward pass of its own
-        if model.context_full(len(prompt_ids) + len(result.token_ids)):
-            result.stopped_at_context_limit = True
-            break
-        t_step = time.perf_counter()
-        logits = model.runtime.decode(record.token)  # a rejected draft is replaced before the SLM sees it
+        _write_open(trace, config, len(prompt_ids), verifier, open_s)
+    loop = _Loop(model, list(prompt_ids), config, seed, verifier, result, on_commit)
+    loop.logits = logits
+    try:
+        loop.run()
+    except VerifierError as exc:
+        loop.keep_committed_only()
+        exc.partial = result  # nothing is lost: the caller can print what was generated (and committed)
+        if verifier is not None:
+            verifier.close()
+        raise
+    result.stopped_at_eos = bool(result.token_ids and result.token_ids[-1] in model.eos_ids)
+    result.stopped_at_context_limit = (not result.stopped_at_eos and len(result.token_ids) < config.max_new_tokens
+                                       and model.context_full(len(prompt_ids) + len(result.token_ids)))
     if verifier is not None:
         verifier.close()
         result.uplink_bytes, result.downlink_bytes = verifier.uplink_bytes, verifier.downlink_bytes
     result.seconds = time.perf_counter() - t_start
     result.text = model.decode(result.token_ids)
     if trace is not None:
+        for record in sorted(result.records + result.rolled_back, key=lambda r: (r.position, not r.rolled_back)):
+            tr.write_token(trace, record)
         tr.write_close(trace, len(result.token_ids), result.uplink_bytes, result.downlink_bytes, result.seconds,
-                       result.text)
+                       result.text, rolled_back=len(result.rolled_back), stale_verifies=result.stale_verifies,
+                       stale_uplink_bytes=result.stale_uplink_bytes)
     return result
-

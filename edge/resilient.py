@@ -3,8 +3,8 @@
 The edge holds the authoritative token history (prompt + every agreed token). When a call fails with a
 transient status (the replica died, the stream broke, the verifier evicted the session or is draining),
 ``ResilientSession`` reconnects with exponential backoff and full jitter, trying the configured verifier
-addresses in turn, reopens a session whose prompt is the whole history (the replay), and sends the
-failed Verify again. The verifier's randomness at a position depends only on (seed, position), so with
+addresses in turn, reopens a session whose prompt is the whole agreed history (the replay) in the epoch the
+edge had reached, and resends every Verify still unresolved (with pipelining there may be several). The verifier's randomness at a position depends only on (seed, position), so with
 the same seeds the final text equals an uninterrupted run's.
 
 When no verifier answers for ``loss_after_s``, the ``on_cloud_loss`` policy decides:
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
@@ -71,6 +72,8 @@ class ResilientSession:
                                report_target_prob=report_target_prob, timeout=timeout)
         self.report_target_prob = report_target_prob
         self.history = list(prompt_ids)  # prompt + every agreed token: what a reopened session replays
+        self.epoch = 0  # the verifier's epoch as of the last Verdict taken: a reopened session starts there
+        self._unresolved: deque = deque()  # (pending, position, epoch, block) of each Verify not yet answered
         self.reconnects = 0  # sessions reopened after a failure
         self.lost = False  # policy local, no verifier: nothing is verified from here on
         self.errors: list[str] = []  # what went wrong, in order, for the user's records
@@ -91,25 +94,61 @@ class ResilientSession:
     def downlink_bytes(self) -> int:
         return self._bytes_done[1] + (self._session.downlink_bytes if self._session else 0)
 
-    def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult | None:
-        """The verdict, after as many reconnects as needed; None once the cloud is lost (policy local)."""
+    @property
+    def in_flight(self) -> int:
+        """Verifies submitted whose Verdict has not been taken yet (resent after a failover)."""
+        return len(self._unresolved)
+
+    def submit(self, pending: list[int], position: int, epoch: int, block: list[tuple[int, bytes]]) -> int:
+        """Send a Verify (``VerifierSession.submit``); kept until its Verdict is taken, so that a reopened
+        session can resend it. Returns its wire bytes (0 once the cloud is lost)."""
+        self._unresolved.append((list(pending), position, epoch, list(block)))
+        if self.lost or (self._session is None and not self._connect(first=False)):
+            return 0
+        try:
+            return self._session.submit(pending, position, epoch, block)
+        except VerifierError as exc:
+            self._fail(exc)  # the next next_verdict reconnects and resends everything unresolved
+            return 0
+
+    def next_verdict(self, wait: bool = True) -> VerdictResult | None:
+        """The oldest unresolved Verify's Verdict, after as many reconnects as needed (each resends every
+        unresolved Verify); None when ``wait`` is False and it has not arrived, or once the cloud is lost
+        (policy local: ``lost`` is then True)."""
         while not self.lost:
             if self._session is None and not self._connect(first=False):
                 return None
             try:
-                verdict = self._session.verify(pending, draft, distribution)
+                verdict = self._session.next_verdict(wait)
             except VerifierError as exc:
-                if not is_retryable(exc):
-                    raise
-                self._drop(exc)
-                waited = time.monotonic() - self._trouble_since
-                if self.failover.on_cloud_loss != "wait" and waited >= self.failover.loss_after_s:
-                    self._declare_lost(waited)  # replicas open sessions but fail every Verify
+                self._fail(exc)
                 continue
+            if verdict is None:
+                return None
             self._trouble_since = None
-            self.history += [*pending, verdict.token]
+            pending, _, _, block = self._unresolved.popleft()
+            if not verdict.stale:
+                drafts = [token for token, _ in block]
+                self.history += [*pending, *drafts[:verdict.accepted_count]] + ([] if verdict.accepted else
+                                                                               [verdict.token])
+                self.epoch = verdict.epoch
             return verdict
         return None
+
+    def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult | None:
+        """Stop-and-wait shorthand: one drafted position after ``pending`` at the agreed position and epoch."""
+        self.submit(pending, len(self.history), self.epoch, [(draft, distribution)])
+        return self.next_verdict()
+
+    def _fail(self, exc: VerifierError) -> None:
+        """A failed call: raise what no retry can fix, else drop the session (and declare the cloud lost when
+        replicas keep opening sessions but failing them for too long)."""
+        if not is_retryable(exc):
+            raise exc
+        self._drop(exc)
+        waited = time.monotonic() - self._trouble_since
+        if self.failover.on_cloud_loss != "wait" and waited >= self.failover.loss_after_s:
+            self._declare_lost(waited)
 
     def close(self) -> None:
         if self._session is not None:
@@ -132,13 +171,17 @@ class ResilientSession:
             self._trouble_since = time.monotonic()
 
     def _try_open(self, address: str) -> None:
+        """Open a session replaying the history, and resend every unresolved Verify in order (those of an
+        ended epoch are answered stale, as they would have been)."""
         channel = connect(address, timeout=self.failover.connect_timeout_s, transport=self.transport)
         try:
-            self._session = VerifierSession(channel, prompt_ids=list(self.history), **self._open_args)
+            session = VerifierSession(channel, prompt_ids=list(self.history), epoch=self.epoch, **self._open_args)
+            for pending, position, epoch, block in self._unresolved:
+                session.submit(pending, position, epoch, block)
         except VerifierError:
             channel.close()
             raise
-        self._channel = channel
+        self._session, self._channel = session, channel
 
     def _connect(self, first: bool) -> bool:
         """Open a session on some replica, replaying the history; False when the cloud is declared lost

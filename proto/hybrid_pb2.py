@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/hybrid.proto\x12\thybrid.v1\"`\n\x0b\x46ingerprint\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x16\n\x0etokenizer_hash\x18\x02 \x01(\t\x12\x10\n\x08id_space\x18\x03 \x01(\r\x12\x13\n\x0blogit_width\x18\x04 \x01(\r\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\"J\n\x05\x43odec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03\x65ps\x18\x03 \x01(\x01\x12\r\n\x05k_max\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\"\xc7\x01\n\x04Open\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.hybrid.v1.Fingerprint\x12%\n\x08sampling\x18\x02 \x01(\x0b\x32\x13.hybrid.v1.Sampling\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x05\x63odec\x18\x05 \x01(\x0b\x32\x10.hybrid.v1.Codec\x12\x1a\n\x12report_target_prob\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"R\n\x06Verify\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bpending_ids\x18\x02 \x03(\r\x12\x10\n\x08\x64raft_id\x18\x03 \x01(\r\x12\x14\n\x0c\x64istribution\x18\x04 \x01(\x0c\"\x07\n\x05\x43lose\"~\n\x0b\x45\x64geMessage\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x0f.hybrid.v1.OpenH\x00\x12#\n\x06verify\x18\x02 \x01(\x0b\x32\x11.hybrid.v1.VerifyH\x00\x12!\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x10.hybrid.v1.CloseH\x00\x42\x06\n\x04kind\"y\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.hybrid.v1.Fingerprint\"g\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x13\n\x0btarget_prob\x18\x04 \x01(\x02\x12\x16\n\x0eserver_seconds\x18\x05 \x01(\x02\"b\n\x0c\x43loudMessage\x12#\n\x06opened\x18\x01 \x01(\x0b\x32\x11.hybrid.v1.OpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.hybrid.v1.VerdictH\x00\x42\x06\n\x04kind\"\xbf\x01\n\x0fGenerateRequest\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.hybrid.v1.Fingerprint\x12%\n\x08sampling\x18\x02 \x01(\x0b\x32\x13.hybrid.v1.Sampling\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x10\n\x08stop_ids\x18\x06 \x03(\rB\x07\n\x05_seed\"\"\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r2\x8e\x01\n\x08Verifier\x12>\n\x07Session\x12\x16.hybrid.v1.EdgeMessage\x1a\x17.hybrid.v1.CloudMessage(\x01\x30\x01\x12\x42\n\x08Generate\x12\x1a.hybrid.v1.GenerateRequest\x1a\x18.hybrid.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/hybrid.proto\x12\thybrid.v1\"`\n\x0b\x46ingerprint\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x16\n\x0etokenizer_hash\x18\x02 \x01(\t\x12\x10\n\x08id_space\x18\x03 \x01(\r\x12\x13\n\x0blogit_width\x18\x04 \x01(\r\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\"J\n\x05\x43odec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03\x65ps\x18\x03 \x01(\x01\x12\r\n\x05k_max\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\"\xe8\x01\n\x04Open\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.hybrid.v1.Fingerprint\x12%\n\x08sampling\x18\x02 \x01(\x0b\x32\x13.hybrid.v1.Sampling\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x05\x63odec\x18\x05 \x01(\x0b\x32\x10.hybrid.v1.Codec\x12\x1a\n\x12report_target_prob\x18\x06 \x01(\x08\x12\x10\n\x08protocol\x18\x07 \x01(\r\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x42\x07\n\x05_seed\"9\n\x0f\x44raftedPosition\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\x0c\"3\n\x0bSpanRequest\x12\x10\n\x08stop_ids\x18\x01 \x03(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"\x1f\n\x0bStepToJudge\x12\x10\n\x08step_ids\x18\x01 \x03(\r\"\xce\x01\n\x06Verify\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bpending_ids\x18\x02 \x03(\r\x12\x10\n\x08position\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12)\n\x05\x62lock\x18\x07 \x03(\x0b\x32\x1a.hybrid.v1.DraftedPosition\x12$\n\x04span\x18\x08 \x01(\x0b\x32\x16.hybrid.v1.SpanRequest\x12$\n\x04step\x18\t \x01(\x0b\x32\x16.hybrid.v1.StepToJudgeJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\x07\n\x05\x43lose\"~\n\x0b\x45\x64geMessage\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x0f.hybrid.v1.OpenH\x00\x12#\n\x06verify\x18\x02 \x01(\x0b\x32\x11.hybrid.v1.VerifyH\x00\x12!\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x10.hybrid.v1.CloseH\x00\x42\x06\n\x04kind\"y\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.hybrid.v1.Fingerprint\"\x9e\x01\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x14\n\x0ctarget_probs\x18\x04 \x03(\x02\x12\x16\n\x0eserver_seconds\x18\x05 \x01(\x02\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x06 \x01(\r\x12\r\n\x05stale\x18\x07 \x01(\x08\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\"b\n\x0c\x43loudMessage\x12#\n\x06opened\x18\x01 \x01(\x0b\x32\x11.hybrid.v1.OpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.hybrid.v1.VerdictH\x00\x42\x06\n\x04kind\"\xbf\x01\n\x0fGenerateRequest\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.hybrid.v1.Fingerprint\x12%\n\x08sampling\x18\x02 \x01(\x0b\x32\x13.hybrid.v1.Sampling\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x10\n\x08stop_ids\x18\x06 \x03(\rB\x07\n\x05_seed\"\"\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r2\x8e\x01\n\x08Verifier\x12>\n\x07Session\x12\x16.hybrid.v1.EdgeMessage\x1a\x17.hybrid.v1.CloudMessage(\x01\x30\x01\x12\x42\n\x08Generate\x12\x1a.hybrid.v1.GenerateRequest\x1a\x18.hybrid.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CODEC']._serialized_start=194
   _globals['_CODEC']._serialized_end=268
   _globals['_OPEN']._serialized_start=271
-  _globals['_OPEN']._serialized_end=470
-  _globals['_VERIFY']._serialized_start=472
-  _globals['_VERIFY']._serialized_end=554
-  _globals['_CLOSE']._serialized_start=556
-  _globals['_CLOSE']._serialized_end=563
-  _globals['_EDGEMESSAGE']._serialized_start=565
-  _globals['_EDGEMESSAGE']._serialized_end=691
-  _globals['_OPENED']._serialized_start=693
-  _globals['_OPENED']._serialized_end=814
-  _globals['_VERDICT']._serialized_start=816
-  _globals['_VERDICT']._serialized_end=919
-  _globals['_CLOUDMESSAGE']._serialized_start=921
-  _globals['_CLOUDMESSAGE']._serialized_end=1019
-  _globals['_GENERATEREQUEST']._serialized_start=1022
-  _globals['_GENERATEREQUEST']._serialized_end=1213
-  _globals['_GENERATECHUNK']._serialized_start=1215
-  _globals['_GENERATECHUNK']._serialized_end=1249
-  _globals['_VERIFIER']._serialized_start=1252
-  _globals['_VERIFIER']._serialized_end=1394
+  _globals['_OPEN']._serialized_end=503
+  _globals['_DRAFTEDPOSITION']._serialized_start=505
+  _globals['_DRAFTEDPOSITION']._serialized_end=562
+  _globals['_SPANREQUEST']._serialized_start=564
+  _globals['_SPANREQUEST']._serialized_end=615
+  _globals['_STEPTOJUDGE']._serialized_start=617
+  _globals['_STEPTOJUDGE']._serialized_end=648
+  _globals['_VERIFY']._serialized_start=651
+  _globals['_VERIFY']._serialized_end=857
+  _globals['_CLOSE']._serialized_start=859
+  _globals['_CLOSE']._serialized_end=866
+  _globals['_EDGEMESSAGE']._serialized_start=868
+  _globals['_EDGEMESSAGE']._serialized_end=994
+  _globals['_OPENED']._serialized_start=996
+  _globals['_OPENED']._serialized_end=1117
+  _globals['_VERDICT']._serialized_start=1120
+  _globals['_VERDICT']._serialized_end=1278
+  _globals['_CLOUDMESSAGE']._serialized_start=1280
+  _globals['_CLOUDMESSAGE']._serialized_end=1378
+  _globals['_GENERATEREQUEST']._serialized_start=1381
+  _globals['_GENERATEREQUEST']._serialized_end=1572
+  _globals['_GENERATECHUNK']._serialized_start=1574
+  _globals['_GENERATECHUNK']._serialized_end=1608
+  _globals['_VERIFIER']._serialized_start=1611
+  _globals['_VERIFIER']._serialized_end=1753
 # @@protoc_insertion_point(module_scope)

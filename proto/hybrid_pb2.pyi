@@ -43,32 +43,64 @@ class Codec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., k: _Optional[int] = ..., eps: _Optional[float] = ..., k_max: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "prompt_ids", "seed", "codec", "report_target_prob")
+    __slots__ = ("fingerprint", "sampling", "prompt_ids", "seed", "codec", "report_target_prob", "protocol", "epoch")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     REPORT_TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     sampling: Sampling
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     seed: int
     codec: Codec
     report_target_prob: bool
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., report_target_prob: _Optional[bool] = ...) -> None: ...
+    protocol: int
+    epoch: int
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., report_target_prob: _Optional[bool] = ..., protocol: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class DraftedPosition(_message.Message):
+    __slots__ = ("token_id", "distribution")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    distribution: bytes
+    def __init__(self, token_id: _Optional[int] = ..., distribution: _Optional[bytes] = ...) -> None: ...
+
+class SpanRequest(_message.Message):
+    __slots__ = ("stop_ids", "max_tokens")
+    STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    stop_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    def __init__(self, stop_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class StepToJudge(_message.Message):
+    __slots__ = ("step_ids",)
+    STEP_IDS_FIELD_NUMBER: _ClassVar[int]
+    step_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verify(_message.Message):
-    __slots__ = ("seq", "pending_ids", "draft_id", "distribution")
+    __slots__ = ("seq", "pending_ids", "position", "epoch", "block", "span", "step")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PENDING_IDS_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_ID_FIELD_NUMBER: _ClassVar[int]
-    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     seq: int
     pending_ids: _containers.RepeatedScalarFieldContainer[int]
-    draft_id: int
-    distribution: bytes
-    def __init__(self, seq: _Optional[int] = ..., pending_ids: _Optional[_Iterable[int]] = ..., draft_id: _Optional[int] = ..., distribution: _Optional[bytes] = ...) -> None: ...
+    position: int
+    epoch: int
+    block: _containers.RepeatedCompositeFieldContainer[DraftedPosition]
+    span: SpanRequest
+    step: StepToJudge
+    def __init__(self, seq: _Optional[int] = ..., pending_ids: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., epoch: _Optional[int] = ..., block: _Optional[_Iterable[_Union[DraftedPosition, _Mapping]]] = ..., span: _Optional[_Union[SpanRequest, _Mapping]] = ..., step: _Optional[_Union[StepToJudge, _Mapping]] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -97,18 +129,24 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "accepted", "token_id", "target_prob", "server_seconds")
+    __slots__ = ("seq", "accepted", "token_id", "target_probs", "server_seconds", "accepted_count", "stale", "epoch")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROBS_FIELD_NUMBER: _ClassVar[int]
     SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     accepted: bool
     token_id: int
-    target_prob: float
+    target_probs: _containers.RepeatedScalarFieldContainer[float]
     server_seconds: float
-    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_prob: _Optional[float] = ..., server_seconds: _Optional[float] = ...) -> None: ...
+    accepted_count: int
+    stale: bool
+    epoch: int
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., server_seconds: _Optional[float] = ..., accepted_count: _Optional[int] = ..., stale: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
     __slots__ = ("opened", "verdict")

@@ -51,7 +51,10 @@ class VerifierServicer:
 
     def Session(self, request_iterator, context):
         """Edge -> cloud: Open, then any number of Verify, then Close. Cloud -> edge: Opened, then one Verdict
-        per Verify. Errors end the stream with a gRPC status (INVALID_ARGUMENT, FAILED_PRECONDITION, ...).
+        per Verify, in order. The edge need not wait for a Verdict before its next Verify (pipelining):
+        positions and epochs (below) let the verifier tell a Verify drafted on a dead branch (stale) from one
+        that continues the agreed text. Errors end the stream with a gRPC status (INVALID_ARGUMENT,
+        FAILED_PRECONDITION, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

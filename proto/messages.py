@@ -10,6 +10,8 @@ from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec
 
 FRAME_OVERHEAD = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes, per message
+# Open.protocol: 2 = positions, epochs and blocks in Verify (pipelined drafting); 0 = a version-1 client.
+PROTOCOL_VERSION = 2
 
 
 def sampling_to_msg(s: SamplingSettings) -> pb.Sampling:

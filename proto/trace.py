@@ -6,7 +6,9 @@ Three modes of generation, told apart by the ``open`` line:
 
 - ``hybrid`` (``"verifier": true``): the edge loop with a verifier; per token the edge's compute time,
   whether a Verify was sent, its wire bytes, the pending ids it carried, the Verdict's wire bytes and the
-  verifier's own time.
+  verifier's own time. A pipelined run (``lookahead`` > 0 on the open line) also writes the drafts a
+  rejection discarded, as token lines with ``"rolled_back": true`` just before the line of the token that
+  finally took their position; readers that count tokens skip them.
 - ``local`` (``"verifier": false``): the same loop without a verifier (SLM-only).
 - ``stream`` (``"mode": "stream"``): the cloud-only baseline, the verifier's Generate stream; per token
   ``chunk_s`` (time since the previous chunk, or since the request for the first) and the chunk's bytes.
@@ -59,6 +61,9 @@ class TokenRecord:
     down_bytes: int = 0  # downlink wire bytes of this position's Verdict
     server_s: float = 0.0  # the verifier's own time for this Verify (its share of wait_s)
     unverified: bool = False  # should have been verified, but no verifier was reachable (cloud lost, local)
+    encode_s: float = 0.0  # encoding p~ and submitting the Verify (between slm_step_s and the wait)
+    blocked_s: float = 0.0  # the loop's own wait for this verdict (pipelined: less than wait_s, often 0)
+    rolled_back: bool = False  # drafted, then discarded by a rejection at an earlier position
 
     @classmethod
     def kept(cls, position: int, draft: int, u: float, draft_prob: float, slm_step_s: float) -> TokenRecord:
@@ -80,11 +85,13 @@ def _write(out: TextIO, row: dict) -> None:
 
 def write_open(out: TextIO, prompt_tokens: int, estimator: str, codec: dict | None, threshold: float | None,
                temperature: float, verifier: bool, uplink_bytes: int, downlink_bytes: int,
-               mode: str | None = None) -> None:
-    """The first line of a generation: its configuration and the Open/Opened (or request) sizes."""
+               mode: str | None = None, lookahead: int = 0, open_s: float = 0.0) -> None:
+    """The first line of a generation: its configuration, the Open (or request) size, and ``open_s``, the time
+    to connect and send Open (overlapped with the SLM's prefill)."""
     row = {"kind": "open", "prompt_tokens": prompt_tokens, "estimator": estimator, "codec": codec,
            "threshold": json_float(threshold), "temperature": temperature, "verifier": verifier,
-           "uplink_bytes": uplink_bytes, "downlink_bytes": downlink_bytes}
+           "uplink_bytes": uplink_bytes, "downlink_bytes": downlink_bytes, "lookahead": lookahead,
+           "open_s": open_s}
     if mode is not None:
         row = {"kind": "open", "mode": mode, **{k: v for k, v in row.items() if k != "kind"}}
     _write(out, row)
@@ -101,10 +108,13 @@ def write_stream_token(out: TextIO, position: int, token: int, chunk_s: float, d
     _write(out, {"kind": "token", "position": position, "token": token, "chunk_s": chunk_s, "down_bytes": down_bytes})
 
 
-def write_close(out: TextIO, tokens: int, uplink_bytes: int, downlink_bytes: int, seconds: float, text: str) -> None:
-    """The last line of a generation: totals (all messages, Open and Close included) and wall time."""
+def write_close(out: TextIO, tokens: int, uplink_bytes: int, downlink_bytes: int, seconds: float, text: str,
+                rolled_back: int = 0, stale_verifies: int = 0, stale_uplink_bytes: int = 0) -> None:
+    """The last line of a generation: totals (all messages, Open and Close included), wall time, and what
+    pipelining wasted: rolled-back drafts and stale Verifies with their uplink bytes."""
     _write(out, {"kind": "close", "tokens": tokens, "uplink_bytes": uplink_bytes, "downlink_bytes": downlink_bytes,
-                 "seconds": seconds, "text": text})
+                 "seconds": seconds, "text": text, "rolled_back": rolled_back, "stale_verifies": stale_verifies,
+                 "stale_uplink_bytes": stale_uplink_bytes})
 
 
 def write_task(out: TextIO, correct: bool) -> None:

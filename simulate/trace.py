@@ -132,6 +132,9 @@ class _Builder:
         if self.mode not in MODES:
             raise TraceError(f"{where}: field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(head, OPEN_FIELDS, where)
+        if head.get("lookahead", 0):  # the replay models one Verify at a time: it would misstate a pipelined run
+            raise TraceError(f"{where}: a pipelined generation (lookahead {head['lookahead']}); the simulator "
+                             "replays stop-and-wait traces only (record with lookahead 0)")
         self.prompt_tokens = _int(head, "prompt_tokens", where)
         self.open_up = _int(head, "uplink_bytes", where)
         self.open_down = _int(head, "downlink_bytes", where)

@@ -52,7 +52,9 @@ def serve():
 
 
 def _open(channel) -> VerifierSession:
-    return VerifierSession(channel, FINGERPRINT, [1, 2, 3], SamplingSettings(), CodecSpec("adaptive"), timeout=10)
+    session = VerifierSession(channel, FINGERPRINT, [1, 2, 3], SamplingSettings(), CodecSpec("adaptive"), timeout=10)
+    _ = session.opened  # drafting starts before Opened arrives; its checks run when it does
+    return session
 
 
 def test_a_verifier_without_id_space_is_refused(serve):

@@ -17,7 +17,7 @@ from core.sampling import softmax
 from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, compress
 from proto.payload import encode
-from proto.messages import codec_to_msg, fingerprint_to_msg
+from proto.messages import PROTOCOL_VERSION, codec_to_msg, fingerprint_to_msg
 from tests.conftest import DEMO_PAIR
 from tests.test_codec import topk_bytes
 from tests.verifier_clients import GoodGeneration, is_serving, metric, raw_generate, raw_session
@@ -77,7 +77,7 @@ def pre_id_space_fingerprint(model) -> pb.Fingerprint:
 def open_msg(model, codec: CodecSpec | pb.Codec = FULL32, prompt=(5, 6, 7), **fields) -> pb.EdgeMessage:
     codec = codec if isinstance(codec, pb.Codec) else codec_to_msg(codec)
     defaults = dict(fingerprint=fingerprint(model), sampling=pb.Sampling(temperature=1.0), prompt_ids=list(prompt),
-                    codec=codec, seed=1)
+                    codec=codec, seed=1, protocol=PROTOCOL_VERSION)
     return pb.EdgeMessage(open=pb.Open(**{**defaults, **fields}))
 
 
@@ -85,9 +85,14 @@ def full32(values: np.ndarray) -> bytes:
     return values.astype("<f4").tobytes()
 
 
-def verify_msg(seq=1, pending=(), draft=DRAFT, distribution: bytes | None = None) -> pb.EdgeMessage:
+def verify_msg(seq=1, pending=(), draft=DRAFT, distribution: bytes | None = None, position=3, epoch=0,
+               drafts=1, **fields) -> pb.EdgeMessage:
+    """A Verify of ``drafts`` drafted positions (each ``draft`` with ``distribution``) after the default
+    3-token prompt."""
     payload = encode(compress(P, FULL32), FULL32, V) if distribution is None else distribution
-    return pb.EdgeMessage(verify=pb.Verify(seq=seq, pending_ids=list(pending), draft_id=draft, distribution=payload))
+    block = [pb.DraftedPosition(token_id=draft, distribution=payload)] * drafts
+    return pb.EdgeMessage(verify=pb.Verify(seq=seq, pending_ids=list(pending), position=position, epoch=epoch,
+                                           block=block, **fields))
 
 
 CLOSE = pb.EdgeMessage(close=pb.Close())
@@ -154,7 +159,7 @@ SESSION_CASES = {
     "double Open": (lambda m: [open_msg(m), open_msg(m)], ORDER, "second Open"),
     "Verify after Close": (lambda m: [open_msg(m), CLOSE, verify_msg()], ORDER, "after Close"),
     "out-of-order seq": (lambda m: [open_msg(m), verify_msg(seq=5)], INVALID, "seq"),
-    "draft id out of range": (lambda m: [open_msg(m), verify_msg(draft=V + 7)], INVALID, "draft_id"),
+    "draft id out of range": (lambda m: [open_msg(m), verify_msg(draft=V + 7)], INVALID, "block[0].token_id"),
     "pending id out of range": (lambda m: [open_msg(m), verify_msg(pending=(1, 2**31))], INVALID, "pending_ids"),
     "oversized pending list": (lambda m: [open_msg(m), verify_msg(pending=[5] * MAX_CONTEXT)], INVALID,
                                "context limit"),
@@ -167,8 +172,9 @@ SESSION_CASES = {
     "all-zero distribution": (lambda m: [open_msg(m), verify_msg(distribution=full32(np.zeros(V)))], INVALID,
                               "zero"),
     "distribution of the wrong length": (lambda m: [open_msg(m), verify_msg(distribution=full32(P[:-1]))], INVALID,
-                                         "Verify.distribution"),
-    "empty distribution": (lambda m: [open_msg(m), verify_msg(distribution=b"")], INVALID, "Verify.distribution"),
+                                         "Verify.block[0].distribution"),
+    "empty distribution": (lambda m: [open_msg(m), verify_msg(distribution=b"")], INVALID,
+                           "Verify.block[0].distribution"),
     "draft outside the sent support": (lambda m: [open_msg(m), verify_msg(distribution=_zero_at_draft())], INVALID,
                                        "probability 0"),
     "truncated adaptive payload": (lambda m: [open_msg(m, codec=CodecSpec("adaptive")),
@@ -177,6 +183,25 @@ SESSION_CASES = {
                                                   verify_msg(draft=3, distribution=topk_bad_sum())], INVALID, "sum"),
     "oversized message": (lambda m: [open_msg(m), verify_msg(distribution=b"\0" * (MAX_MESSAGE + 1000))],
                           EXHAUSTED, ""),
+    # protocol v2: versions, positions, epochs, blocks, and the fields reserved for later modes
+    "protocol-1 client": (lambda m: [open_msg(m, protocol=0)], ORDER, "upgrade the edge"),
+    "protocol from the future": (lambda m: [open_msg(m, protocol=PROTOCOL_VERSION + 1)], ORDER,
+                                 "upgrade the verifier"),
+    "position behind the agreed text": (lambda m: [open_msg(m), verify_msg(position=2)], INVALID, "position"),
+    "position past the agreed text": (lambda m: [open_msg(m), verify_msg(position=2**40)], INVALID, "position"),
+    "epoch from the future": (lambda m: [open_msg(m), verify_msg(epoch=1)], INVALID, "epoch"),
+    "empty block": (lambda m: [open_msg(m), verify_msg(drafts=0)], INVALID, "block is empty"),
+    "block past the context limit": (lambda m: [open_msg(m), verify_msg(distribution=topk_bytes([DRAFT], [255]),
+                                                                         drafts=MAX_CONTEXT)], INVALID,
+                                     "context limit"),
+    "bad distribution in a later drafted position": (
+        lambda m: [open_msg(m, codec=CodecSpec("topk", k=2)), pb.EdgeMessage(verify=pb.Verify(seq=1, position=3, block=[
+            pb.DraftedPosition(token_id=3, distribution=topk_bytes([3, 10], [200, 55])),
+            pb.DraftedPosition(token_id=3, distribution=topk_bad_sum())]))], INVALID, "block[1].distribution"),
+    "span request (not served yet)": (lambda m: [open_msg(m), verify_msg(span=pb.SpanRequest(max_tokens=8))],
+                                      grpc.StatusCode.UNIMPLEMENTED, "span"),
+    "step to judge (not served yet)": (lambda m: [open_msg(m), verify_msg(step=pb.StepToJudge(step_ids=[5]))],
+                                       grpc.StatusCode.UNIMPLEMENTED, "step"),
 }
 
 

@@ -131,7 +131,7 @@ def test_mismatched_fingerprint_refused_while_others_are_served(channel, edge_mo
     def bad_session():
         wrong = {"tokenizer_hash": "0000000000000000", "id_space": 32000, "logit_width": 32000}
         try:
-            VerifierSession(channel, wrong, prompt, settings, codec)
+            _ = VerifierSession(channel, wrong, prompt, settings, codec).opened  # refused at Open
         except VerifierError as exc:
             errors.append(exc)
 

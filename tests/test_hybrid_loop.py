@@ -17,6 +17,7 @@ Everything is seeded: every run is identical. Runs in a few seconds, no model, n
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,22 +46,34 @@ TOKENS = 800  # per generation
 
 
 class FixedRuntime:
-    """The ONNX runtime's interface with fixed logits: ``cycle`` repeats, one entry per position."""
+    """The ONNX runtime's interface with fixed logits: ``cycle`` repeats by position, one entry per position."""
 
     id_space = V  # the width of the logits it returns
 
     def __init__(self, cycle: list[np.ndarray]):
         self.cycle = [np.log(p).astype(np.float32) for p in cycle]
-        self.position = 0  # generated positions so far
+        self.cache = SimpleNamespace(length=0)  # positions fed
+        self.prompt = 0
+        self.truncations = 0
+
+    @property
+    def position(self) -> int:
+        """Generated positions fed so far."""
+        return self.cache.length - self.prompt
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        self.position = 0
+        self.prompt = self.cache.length = len(ids)
         return self.cycle[0]
 
     def decode(self, token: int) -> np.ndarray:
         assert 0 <= token < V
-        self.position += 1
+        self.cache.length += 1
         return self.cycle[self.position % len(self.cycle)]
+
+    def truncate(self, length: int) -> None:
+        assert self.prompt <= length <= self.cache.length
+        self.cache.length = length
+        self.truncations += 1
 
 
 class FakeModel:
@@ -79,36 +92,58 @@ class FakeModel:
 
 
 class InProcessVerifier:
-    """A ``Verifier`` that runs the cloud's rejection rule in-process against ``Q``.
+    """A ``Verifier`` that runs the cloud's rules in-process against ``Q``: protocol v2's positions and epochs
+    and the rejection rule.
 
-    Like the cloud it keeps the agreed context (prompt + pending + verdicts) and keys each verdict's
-    randomness by (seed, position); it decodes the exact payload bytes the loop put on the wire.
+    Like the cloud it keeps the agreed context (prompt + pending + verdicts) and its epoch, keys each
+    verdict's randomness by (seed, position), answers a Verify of an ended epoch stale, and decodes the exact
+    payload bytes the loop put on the wire. ``delay``: a verdict becomes available only after that many
+    polls (``next_verdict(wait=False)``), like a round trip the loop drafts through.
     """
 
     report_target_prob = False
+    lost = False
 
     def __init__(self, prompt_ids: list[int], settings: SamplingSettings, codec: CodecSpec, seed: int,
-                 fail_after: int | None = None):
-        assert settings == SETTINGS and codec == CODEC  # the loop opens with its own configuration
+                 fail_after: int | None = None, delay: int = 0):
+        assert codec == CODEC  # the loop opens with its own configuration
         self.context, self.settings, self.codec, self.seed = list(prompt_ids), settings, codec, seed
         self.uplink_bytes = self.downlink_bytes = 0
-        self.verifies = 0
+        self.epoch = 0
+        self.verifies = self.stale = 0
         self.closed = False
         self.fail_after = fail_after  # raise VerifierError on this many + 1st verify
+        self.delay = delay
+        self.queue: list[list] = []  # [polls left, request]
 
-    def verify(self, pending: list[int], draft: int, payload: bytes) -> VerdictResult:
-        assert not self.closed
+    def submit(self, pending, position, epoch, block) -> int:
+        assert not self.closed and len(block) == 1
         if self.verifies == self.fail_after:
             raise VerifierError("session dropped")
+        self.queue.append([self.delay, (list(pending), position, epoch, block)])
+        self.uplink_bytes += len(block[0][1])
+        return len(block[0][1])
+
+    def next_verdict(self, wait: bool = True) -> VerdictResult | None:
+        assert self.queue
+        if not wait and self.queue[0][0] > 0:
+            self.queue[0][0] -= 1
+            return None
+        pending, position, epoch, [(draft, payload)] = self.queue.pop(0)[1]
+        self.downlink_bytes += 4
+        if epoch < self.epoch:
+            self.stale += 1
+            return VerdictResult(False, 0, 0.0, 0.0, len(payload), 4, 0.0, 0, True, self.epoch)
+        assert epoch == self.epoch and position == len(self.context)  # the loop names the agreed position
         self.context.extend(pending)
         p_tilde = decode(payload, self.codec, V).dense(V)  # [V]
         rng = np.random.default_rng([self.seed, len(self.context)])
         accepted, token = verify_draft(draft, p_tilde, Q, rng, self.settings.greedy)
         self.context.append(token)
+        self.epoch += not accepted
         self.verifies += 1
-        self.uplink_bytes += len(payload)
-        self.downlink_bytes += 4
-        return VerdictResult(accepted, token, float(Q[draft]), 0.0, len(payload), 4, 0.0)
+        return VerdictResult(accepted, token, float(Q[draft]), 0.0, len(payload), 4, 0.0, int(accepted), False,
+                             self.epoch)
 
     def close(self) -> None:
         self.closed = True
@@ -247,3 +282,46 @@ def test_the_loop_stops_at_the_context_limit_with_the_tokens_so_far(limit):
     assert len(PROMPT) + len(result.token_ids) == limit
     assert result.stopped_at_context_limit and not result.stopped_at_eos
     assert len(PROMPT) + model.runtime.position < limit  # the last fed position is limit - 1
+
+
+def _pipelined(lookahead: int, delay: int, settings: SamplingSettings, estimator: str, seed: int):
+    opened = []
+
+    def open_session(prompt_ids, settings, codec):
+        opened.append(InProcessVerifier(prompt_ids, settings, codec, seed=77 + seed, delay=delay))
+        return opened[-1]
+
+    config = HybridConfig(threshold=0.3, estimator=estimator, codec=CODEC, settings=settings, max_new_tokens=120,
+                          lookahead=lookahead)
+    committed = []
+    result = generate_hybrid(FakeModel([P_SURE, P_UNSURE, P_SURE, P_SURE]), PROMPT, config, seed=seed,
+                             open_session=open_session, on_commit=committed.extend)
+    return result, opened[0], committed
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, SamplingSettings(temperature=0.0)], ids=["T=1", "T=0"])
+@pytest.mark.parametrize("estimator", ["max-prob", "uhlm"])
+def test_pipelined_runs_give_the_stop_and_wait_tokens(settings, estimator):
+    """The pipeline's main correctness property: with the same seeds, any lookahead and any verdict delay
+    give the tokens of stop-and-wait, because every draw (draft, estimator noise, verdict) is keyed by
+    position. The runs really pipeline: drafts are rolled back and stale Verifies answered."""
+    for seed in range(3):
+        reference, verifier, _ = _pipelined(0, 0, settings, estimator, seed)
+        assert reference.rolled_back == [] and verifier.stale == 0
+        wasted = 0
+        for lookahead in (4, 16, 64):
+            for delay in (0, 3, 20):
+                result, verifier, committed = _pipelined(lookahead, delay, settings, estimator, seed)
+                assert result.token_ids == reference.token_ids, (lookahead, delay)
+                assert committed == result.token_ids  # streamed as committed, never a token taken back
+                assert [r.sent for r in result.records] == [r.sent for r in reference.records]
+                assert result.stale_verifies == verifier.stale
+                wasted += len(result.rolled_back) + result.stale_verifies
+        if settings.temperature > 0:
+            assert wasted > 0  # rejections happened while drafts were ahead of the verdicts
+
+
+def test_stop_and_wait_feeds_no_draft_before_its_verdict():
+    """Lookahead 0 never feeds a draft to the SLM before its verdict: nothing is rolled back or truncated."""
+    result, verifier, _ = _pipelined(0, 5, SETTINGS, "max-prob", 1)
+    assert verifier.verifies > 10 and result.rolled_back == [] and result.stale_verifies == 0

@@ -36,7 +36,7 @@ from edge.runtime import OnnxCausalLM
 from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, compress
 from proto.fingerprint import check_logit_width, describe_mismatch, id_space
-from proto.messages import codec_to_msg, fingerprint_from_msg, fingerprint_to_msg
+from proto.messages import PROTOCOL_VERSION, codec_to_msg, fingerprint_from_msg, fingerprint_to_msg
 from proto.payload import encode
 from tests.verifier_clients import raw_session
 
@@ -52,9 +52,10 @@ PROMPT = "w5 w17 w99 w1234 w150000"
 FP = {"tokenizer_hash": "0123456789abcdef", "id_space": N, "logit_width": SLM_ROWS}
 
 
-def word_tokenizer(vocab: dict[str, int], added: list[str]) -> Tokenizer:
-    """A WordLevel tokenizer over ``vocab`` with ``added`` special tokens (ids given by `tokenizers`)."""
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+def word_tokenizer(vocab: dict[str, int], added: list[str], unk: str = "<unk>") -> Tokenizer:
+    """A WordLevel tokenizer over ``vocab`` with ``added`` special tokens (ids given by `tokenizers`; one already
+    in ``vocab`` keeps its id); words not in ``vocab`` become ``unk``."""
+    tok = Tokenizer(WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = Whitespace()
     tok.add_special_tokens(added)
     return tok
@@ -257,7 +258,7 @@ def test_llm_only_generation_never_returns_a_padding_id(edge, channel):
 def test_padding_ids_and_mismatched_clients_are_refused(edge, channel):
     settings, codec, prompt = SamplingSettings(temperature=1.0), CodecSpec("adaptive"), edge.encode(PROMPT)
     with pytest.raises(VerifierError, match=rf"\[0, {N}\)") as err:
-        VerifierSession(channel, edge.manifest.fingerprint, [*prompt, N], settings, codec)  # N < LLM_ROWS
+        _ = VerifierSession(channel, edge.manifest.fingerprint, [*prompt, N], settings, codec).opened  # N < LLM_ROWS
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     session = VerifierSession(channel, edge.manifest.fingerprint, prompt, settings, codec, seed=1)
     p_tilde = compress(probabilities(edge.runtime.prefill(prompt), settings), codec)
@@ -267,7 +268,8 @@ def test_padding_ids_and_mismatched_clients_are_refused(edge, channel):
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     old = pb.Fingerprint(vocab_size=SLM_ROWS, tokenizer_hash=edge.manifest.tokenizer_hash)
     open_old = pb.EdgeMessage(open=pb.Open(fingerprint=old, sampling=pb.Sampling(temperature=1.0),
-                                           prompt_ids=prompt, codec=codec_to_msg(codec)))
+                                           prompt_ids=prompt, codec=codec_to_msg(codec),
+                                           protocol=PROTOCOL_VERSION))
     code, details, _ = raw_session(channel, [open_old])
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "must be upgraded" in details
 

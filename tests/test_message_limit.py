@@ -42,8 +42,8 @@ class LimitedVerifier(pb_grpc.VerifierServicer):
                                                        max_message_bytes=self.limit))
             elif message.WhichOneof("kind") == "verify":
                 self.verifies += 1
-                yield pb.CloudMessage(verdict=pb.Verdict(seq=message.verify.seq, accepted=True,
-                                                         token_id=message.verify.draft_id))
+                yield pb.CloudMessage(verdict=pb.Verdict(seq=message.verify.seq, accepted=True, accepted_count=1,
+                                                         token_id=message.verify.block[-1].token_id))
 
 
 @pytest.fixture
@@ -67,7 +67,9 @@ def serve():
 
 def _open(channel, n: int, codec: CodecSpec) -> VerifierSession:
     fingerprint = {"tokenizer_hash": "abc", "id_space": n, "logit_width": n}
-    return VerifierSession(channel, fingerprint, [1, 2, 3], SamplingSettings(), codec, timeout=10)
+    session = VerifierSession(channel, fingerprint, [1, 2, 3], SamplingSettings(), codec, timeout=10)
+    _ = session.opened  # drafting starts before Opened arrives; its checks run when it does
+    return session
 
 
 def test_full32_over_a_gemma3_id_space_is_refused_before_any_verify(serve):
@@ -98,7 +100,8 @@ def test_a_verify_grown_past_the_limit_by_pending_ids_is_refused_not_retried(ser
 
 
 def test_the_envelope_allowance_covers_a_verify_without_pending_ids():
-    big = pb.EdgeMessage(verify=pb.Verify(seq=2**32 - 1, pending_ids=[], draft_id=2**32 - 1, distribution=b"x" * 2**24))
+    big = pb.EdgeMessage(verify=pb.Verify(seq=2**63, position=2**63, epoch=2**63, block=[
+        pb.DraftedPosition(token_id=2**32 - 1, distribution=b"x" * 2**24)]))
     assert big.ByteSize() - 2**24 <= VERIFY_ENVELOPE_BYTES
 
 

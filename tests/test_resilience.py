@@ -47,11 +47,11 @@ class FailAfter:
     def __getattr__(self, name):
         return getattr(self.session, name)
 
-    def verify(self, pending, draft, distribution):
+    def submit(self, *args):
         self.calls += 1
         if self.calls == self.n:
             self.action()
-        return self.session.verify(pending, draft, distribution)
+        return self.session.submit(*args)
 
 
 def _run(model, failover, wrap=None):
@@ -109,11 +109,12 @@ def test_cloud_loss_fail_raises_with_the_partial_text(model):
 
 def test_non_retryable_refusal_is_not_retried(model):
     with _replica() as only:
-        with pytest.raises(VerifierError) as err:
-            ResilientSession(Failover((only.address,), loss_after_s=30),
-                             {"tokenizer_hash": "x", "id_space": 1, "logit_width": 1}, [5, 6], CONFIG.settings,
-                             CONFIG.codec)
-    assert err.value.code.name == "FAILED_PRECONDITION"
+        session = ResilientSession(Failover((only.address,), loss_after_s=30),
+                                   {"tokenizer_hash": "x", "id_space": 1, "logit_width": 1}, [0], CONFIG.settings,
+                                   CONFIG.codec)
+        with pytest.raises(VerifierError) as err:  # the refused Open surfaces at the first verdict
+            session.verify([], 0, b"\x01\x00")
+    assert err.value.code.name == "FAILED_PRECONDITION" and session.reconnects == 0
 
 
 def test_cli_unreachable_verifier_with_local_policy_generates_unverified(slm_onnx):

@@ -62,7 +62,7 @@ def reference(engine, prompt):
     drafts, p_tildes, verdicts = [], [], []
     for _ in range(POSITIONS):
         x, p_tilde = coin_flip_draft(target(engine, state.context))
-        outcome = engine.verify(state, [], x, p_tilde)
+        outcome = engine.verify(state, [], [(x, p_tilde)])
         drafts.append(x)
         p_tildes.append(p_tilde)
         verdicts.append((outcome.accepted, outcome.token))
@@ -82,7 +82,7 @@ def test_a_replayed_session_gives_the_same_verdict_at_each_position(engine, prom
     history = list(prompt)
     for k in range(POSITIONS):
         state = engine.open(history, SETTINGS, CODEC, SEED)
-        outcome = engine.verify(state, [], drafts[k], p_tildes[k])
+        outcome = engine.verify(state, [], [(drafts[k], p_tildes[k])])
         assert (outcome.accepted, outcome.token) == verdicts[k], f"position {len(history)}"
         history.append(outcome.token)
 
@@ -95,7 +95,7 @@ def test_pending_ids_do_not_shift_the_randomness(engine, prompt, reference):
     state = engine.open(prompt, SETTINGS, CODEC, SEED)
     for k in range(2, POSITIONS, 3):
         pending = tokens[len(state.context) - len(prompt):k]
-        outcome = engine.verify(state, pending, drafts[k], p_tildes[k])
+        outcome = engine.verify(state, pending, [(drafts[k], p_tildes[k])])
         assert (outcome.accepted, outcome.token) == verdicts[k], f"position {len(prompt) + k}"
 
 
@@ -106,7 +106,27 @@ def test_another_seed_gives_other_verdicts(engine, prompt, reference):
     other = []
     for k in range(POSITIONS):
         state = engine.open(history, SETTINGS, CODEC, SEED + 1)
-        outcome = engine.verify(state, [], drafts[k], p_tildes[k])
+        outcome = engine.verify(state, [], [(drafts[k], p_tildes[k])])
         other.append((outcome.accepted, outcome.token))
         history.append(verdicts[k][1])  # the reference history, so q is the same at every k
     assert other != verdicts
+
+
+def test_a_block_gives_the_verdicts_of_its_positions_sent_one_by_one(engine, prompt, reference):
+    """Protocol v2 blocks: the reference's drafts sent as blocks of up to 4 positions give the same verdicts
+    (one forward per block, multi-token speculative sampling): the longest accepted prefix, then the
+    reference's token at the first rejection, and the next block starts after it."""
+    drafts, p_tildes, verdicts = reference
+    state = engine.open(prompt, SETTINGS, CODEC, SEED)
+    k = 0
+    while k < POSITIONS:
+        block = [(drafts[j], p_tildes[j]) for j in range(k, min(k + 4, POSITIONS))]
+        outcome = engine.verify(state, [], block)
+        decided = outcome.accepted_count + (not outcome.accepted)
+        assert all(verdicts[k + j] == (True, drafts[k + j]) for j in range(outcome.accepted_count))
+        if not outcome.accepted:
+            assert (False, outcome.token) == verdicts[k + outcome.accepted_count]
+            assert state.epoch == 1 + sum(not a for a, _ in verdicts[:k + outcome.accepted_count])
+        assert state.context == prompt + [t for _, t in verdicts[:k + decided]]
+        k += decided
+    assert state.cache.get_seq_length() == len(state.context) - 1
