@@ -7,6 +7,7 @@ verify; with ``fail`` it must raise and still hand back every token generated so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 
@@ -50,20 +51,24 @@ class FailAfter:
     def submit(self, *args):
         self.calls += 1
         if self.calls == self.n:
+            self.in_flight_at_failure = self.session.in_flight
             self.action()
         return self.session.submit(*args)
 
 
-def _run(model, failover, wrap=None):
-    sessions = []
+def _run(model, failover, wrap=None, lookahead=0):
+    sessions, wrapped = [], []
 
     def open_session(prompt_ids, settings, codec):
         sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, settings, codec,
                                          seed=SEED, timeout=10))
-        return wrap(sessions[-1]) if wrap else sessions[-1]
+        wrapped.append(wrap(sessions[-1]) if wrap else sessions[-1])
+        return wrapped[-1]
 
-    result = generate_hybrid(model, model.encode(PROMPT), CONFIG, seed=SEED, open_session=open_session)
+    config = dataclasses.replace(CONFIG, lookahead=lookahead)
+    result = generate_hybrid(model, model.encode(PROMPT), config, seed=SEED, open_session=open_session)
     assert isinstance(sessions[0], Verifier)  # the loop's protocol, satisfied by the failover session
+    _run.wrapped = wrapped[0]
     return result, sessions[0]
 
 
@@ -83,6 +88,20 @@ def test_replica_lost_mid_generation_edge_finishes_on_the_other_identically(mode
     assert session.reconnects == 1 and session.errors
     assert session.history == result.prompt_ids + result.token_ids[:len(session.history) - len(result.prompt_ids)]
     assert result.unverified == 0 and all(r.sent for r in result.records)
+
+
+def test_replica_killed_with_verifies_in_flight_resends_them_and_finishes_identically(model):
+    """Pipelined (lookahead 6, every token verified): the replica dies with at least 3 Verifies in flight; the
+    edge reopens on the other replica, replays the agreed text and resends the unresolved Verifies, and the
+    tokens are those of an uninterrupted stop-and-wait run."""
+    with _replica() as a, _replica() as b:
+        reference, _ = _run(model, Failover((a.address,)))
+        result, session = _run(model, Failover((a.address, b.address), loss_after_s=20), lookahead=6,
+                               wrap=lambda s: FailAfter(s, 9, a.proc.kill))
+        assert a.proc.wait(30) is not None
+    assert _run.wrapped.in_flight_at_failure >= 3
+    assert result.token_ids == reference.token_ids
+    assert session.reconnects == 1 and result.unverified == 0 and all(r.sent for r in result.records)
 
 
 def test_cloud_loss_local_finishes_and_marks_unverified(model):
