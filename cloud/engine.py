@@ -13,6 +13,7 @@ Model calls run on one worker thread, one at a time; sessions only wait on each 
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ class VerifyOutcome:
     token: int  # the resampled token at the first rejection, or the last draft when all were accepted
     target_probs: list[float]  # q(draft) per decided position: what calibration needs for beta
     accepted_count: int  # the longest accepted prefix of the block
+    queue_seconds: float = 0.0  # waiting for the model worker (behind other sessions' forwards)
 
 
 def _drop_uncommitted(state: SessionState) -> None:
@@ -90,16 +92,17 @@ class VerifierModel:
         seed = secrets.randbits(63) if seed is None else seed
         return SessionState(settings, codec, seed, list(prompt_ids), epoch=epoch)
 
-    def _logits_last(self, cache: DynamicCache, new_ids: list[int], rows: int = 1) -> np.ndarray:
-        """One forward pass over ``new_ids`` after ``cache``, on the model worker; logits [rows, N] of the last
-        ``rows`` positions."""
-        return self._worker.submit(self._forward, cache, new_ids, rows).result()
+    def _logits_last(self, cache: DynamicCache, new_ids: list[int], rows: int = 1) -> tuple[np.ndarray, float]:
+        """One forward pass over ``new_ids`` after ``cache``, on the model worker: (logits [rows, N] of the last
+        ``rows`` positions, seconds spent waiting for the worker before the forward started)."""
+        return self._worker.submit(self._forward, cache, new_ids, rows, time.perf_counter()).result()
 
-    def _forward(self, cache: DynamicCache, new_ids: list[int], rows: int) -> np.ndarray:
+    def _forward(self, cache: DynamicCache, new_ids: list[int], rows: int, t_submitted: float):
+        queued = time.perf_counter() - t_submitted
         ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return out.logits[0, -rows:, : self.id_space].float().cpu().numpy()  # [rows, N]: no padding row leaves
+        return out.logits[0, -rows:, : self.id_space].float().cpu().numpy(), queued  # [rows, N]: no padding row
 
     def verify(self, state: SessionState, pending: list[int], block: list[tuple[int, Compressed]]) -> VerifyOutcome:
         """Append ``pending``, then decide the block's drafted positions in order (multi-token speculative
@@ -111,9 +114,10 @@ class VerifierModel:
         """
         state.context.extend(pending)
         drafts = [token for token, _ in block]
-        logits = self._logits_last(state.cache, state.context[state.cached:] + drafts[:-1], rows=len(block))
+        logits, queued = self._logits_last(state.cache, state.context[state.cached:] + drafts[:-1], rows=len(block))
         start = len(state.context)  # the first drafted position
-        outcome = VerifyOutcome(accepted=True, token=drafts[-1], target_probs=[], accepted_count=0)
+        outcome = VerifyOutcome(accepted=True, token=drafts[-1], target_probs=[], accepted_count=0,
+                                queue_seconds=queued)
         for j, (draft, p_tilde) in enumerate(block):
             q = probabilities(logits[j], state.settings)  # [N], the edge's own rule
             # The randomness of a position depends only on (seed, position), never on the session's history of
@@ -124,7 +128,7 @@ class VerifierModel:
             outcome.target_probs.append(float(q[draft]))
             state.context.append(token)  # agreed; fed with the next Verify's tail
             if not accepted:
-                outcome = VerifyOutcome(False, token, outcome.target_probs, j)
+                outcome = VerifyOutcome(False, token, outcome.target_probs, j, queued)
                 state.epoch += 1
                 break
             outcome.accepted_count = j + 1
@@ -139,10 +143,10 @@ class VerifierModel:
                  max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
         """The large model's own tokens (cloud-only baseline), one forward per token."""
         rng, cache = np.random.default_rng(seed), DynamicCache()
-        logits = self._logits_last(cache, list(prompt_ids))
+        logits = self._logits_last(cache, list(prompt_ids))[0]
         for i in range(max_new_tokens):
             token = next_token(logits, settings, rng)
             yield token
             if token in stop_ids or i + 1 == max_new_tokens:
                 return
-            logits = self._logits_last(cache, [token])
+            logits = self._logits_last(cache, [token])[0]

@@ -206,7 +206,7 @@ class VerifierServicer:
         return pb.Verdict(seq=v.seq, accepted=outcome.accepted, token_id=outcome.token,
                           accepted_count=outcome.accepted_count, epoch=state.epoch,
                           target_probs=outcome.target_probs if state.report_target_prob else [],
-                          server_seconds=seconds)
+                          server_seconds=seconds, queue_seconds=outcome.queue_seconds)
 
     def _after_close(self, inbox: Inbox) -> None:
         """After Close the client may only half-close; anything else it sends is an order error."""

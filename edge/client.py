@@ -55,6 +55,7 @@ class VerdictResult:
     stale: bool = False  # drafted in an epoch that had ended: nothing was verified
     epoch: int = 0  # the session's epoch after this Verify
     target_probs: tuple[float, ...] = ()  # q(draft) per decided position, when asked for
+    queue_seconds: float = 0.0  # the part of server_seconds the verifier spent waiting for its model
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ class VerifierSession:
         probs = tuple(verdict.target_probs)
         return VerdictResult(verdict.accepted, verdict.token_id, probs[0] if probs else 0.0,
                              time.perf_counter() - sent.t_sent, sent.size, wire_size(message), verdict.server_seconds,
-                             verdict.accepted_count, verdict.stale, verdict.epoch, probs)
+                             verdict.accepted_count, verdict.stale, verdict.epoch, probs, verdict.queue_seconds)
 
     def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult:
         """Stop-and-wait shorthand: one drafted position after ``pending``, at the agreed position and epoch."""

@@ -129,7 +129,7 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "accepted", "token_id", "target_probs", "server_seconds", "accepted_count", "stale", "epoch")
+    __slots__ = ("seq", "accepted", "token_id", "target_probs", "server_seconds", "accepted_count", "stale", "epoch", "queue_seconds")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class Verdict(_message.Message):
     ACCEPTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     accepted: bool
     token_id: int
@@ -146,7 +147,8 @@ class Verdict(_message.Message):
     accepted_count: int
     stale: bool
     epoch: int
-    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., server_seconds: _Optional[float] = ..., accepted_count: _Optional[int] = ..., stale: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    queue_seconds: float
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., server_seconds: _Optional[float] = ..., accepted_count: _Optional[int] = ..., stale: _Optional[bool] = ..., epoch: _Optional[int] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
     __slots__ = ("opened", "verdict")

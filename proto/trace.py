@@ -64,6 +64,7 @@ class TokenRecord:
     encode_s: float = 0.0  # encoding p~ and submitting the Verify (between slm_step_s and the wait)
     blocked_s: float = 0.0  # the loop's own wait for this verdict (pipelined: less than wait_s, often 0)
     rolled_back: bool = False  # drafted, then discarded by a rejection at an earlier position
+    queue_s: float = 0.0  # the verifier's wait for its model within server_s (contention with other sessions)
 
     @classmethod
     def kept(cls, position: int, draft: int, u: float, draft_prob: float, slm_step_s: float) -> TokenRecord:
@@ -76,6 +77,7 @@ class TokenRecord:
         self.sent, self.bytes, self.pending = True, verdict.uplink_bytes, pending
         self.accepted, self.returned, self.token = verdict.accepted, verdict.token, verdict.token
         self.wait_s, self.server_s, self.down_bytes = verdict.wait_seconds, verdict.server_seconds, verdict.downlink_bytes
+        self.queue_s = verdict.queue_seconds
         self.target_prob = verdict.target_prob if report_target_prob else None
 
 

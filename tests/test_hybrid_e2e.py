@@ -170,6 +170,9 @@ def test_cli_hybrid_with_trace(verifier, slm_onnx, tmp_path):
             "down_bytes", "server_s"} <= set(rows[0])
     sent = [r for r in rows if r["sent"]]
     assert all(r["down_bytes"] > 0 and 0 < r["server_s"] <= r["wait_s"] for r in sent)
+    assert all(0 <= r["queue_s"] <= r["server_s"] and r["encode_s"] > 0 and r["blocked_s"] > 0 for r in sent)
+    assert lines[0]["lookahead"] == 0 and lines[0]["open_s"] > 0
+    assert (lines[-1]["rolled_back"], lines[-1]["stale_verifies"], lines[-1]["stale_uplink_bytes"]) == (0, 0, 0)
     assert sum(r["bytes"] for r in rows) < lines[-1]["uplink_bytes"]  # + Open and Close
 
 
