@@ -31,7 +31,7 @@ from simulate.testbed.relay import READY_PREFIX
 from tests.conftest import DEMO_PAIR
 from tests.verifier_clients import raw_session
 
-PROBLEMS = [p.prompt for p in held_out_problems(8)]
+PROBLEMS = [p.prompt for p in held_out_problems(12)]
 LOOKAHEADS = (4, 16, 64)
 ONE_WAY_DELAY_S = 0.010
 
