@@ -45,7 +45,8 @@ def _serve(args) -> int:
     try:
         limits = ServerLimits(max_message_bytes=args.max_message_bytes, max_sessions=args.max_sessions,
                               max_context=args.max_context, idle_timeout_s=args.idle_timeout,
-                              shutdown_grace_s=args.shutdown_grace)
+                              shutdown_grace_s=args.shutdown_grace, open_timeout_s=args.open_timeout,
+                              max_pending_opens=args.max_pending_opens)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
@@ -98,6 +99,11 @@ def build_parser() -> OneLineParser:
                         help="largest message accepted (default 1 MiB; full32 at 152k entries needs 608 KB)")
     limits.add_argument("--idle-timeout", type=positive_seconds, default=60.0,
                         help="evict a session silent for this many seconds (default 60)")
+    limits.add_argument("--open-timeout", type=positive_seconds, default=5.0,
+                        help="a stream must send Open within this many seconds (default 5)")
+    limits.add_argument("--max-pending-opens", type=positive_int, default=16,
+                        help="streams that may be waiting to send Open at once; past it the oldest is evicted "
+                             "(default 16)")
     limits.add_argument("--shutdown-grace", type=non_negative_float, default=10.0,
                         help="seconds in-flight calls get after SIGTERM (default 10)")
     sec = p.add_argument_group("security")

@@ -4,9 +4,10 @@ Each session is one bidirectional stream handled on its own server thread, so on
 I/O never blocks another's; model forwards are serialized inside the engine. A bad message ends only
 its own session, with a gRPC status and a message a person can act on (checks in ``cloud/validate.py``).
 
-Limits (``ServerLimits``): message size, concurrent sessions (RESOURCE_EXHAUSTED past it), context
-length, and an idle timeout: a stream that sends nothing for that long is evicted (DEADLINE_EXCEEDED),
-which also bounds every wait of the server on a client. On SIGTERM the server drains: health turns
+Limits (``ServerLimits``): message size, concurrent sessions and Generate calls (RESOURCE_EXHAUSTED past
+it), context length, an open timeout and a cap on streams still to send Open (the oldest is evicted), and
+an idle timeout: an open session that sends nothing for that long is evicted (DEADLINE_EXCEEDED), which
+bounds every wait of the server on a client. On SIGTERM the server drains: health turns
 NOT_SERVING, new calls are refused (UNAVAILABLE), a Verify being computed is answered, every session
 then ends with UNAVAILABLE at its next message (the edge replays its history elsewhere), and the
 process exits after a grace period.
@@ -14,6 +15,7 @@ process exits after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -21,6 +23,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -32,8 +35,8 @@ from grpc_reflection.v1alpha import reflection
 from cloud.auth import TokenAuthInterceptor, TokenStore
 from cloud.engine import SessionState, VerifierModel
 from cloud.metrics import VerifierMetrics
-from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_fingerprint, check_prompt,
-                            check_protocol, check_sampling, check_verify)
+from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_fingerprint, check_ids,
+                            check_prompt, check_protocol, check_sampling, check_verify)
 from core.process import VERIFIER_READY
 from proto import hybrid_pb2 as pb
 from proto.messages import fingerprint_to_msg
@@ -57,12 +60,19 @@ class ServerLimits:
     max_context: int = 0  # 0 = the model's own limit (max_position_embeddings)
     idle_timeout_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # A stream must send Open this soon, and only so many may be waiting to (past that the oldest is evicted):
+    # streams that never open would otherwise hold server threads until the idle timeout and lock out health
+    # checks and new sessions.
+    open_timeout_s: float = 5.0
+    max_pending_opens: int = 16
 
     def __post_init__(self):
         checks = {"max_message_bytes": self.max_message_bytes >= 1024, "max_sessions": self.max_sessions >= 1,
                   "max_context": self.max_context >= 0,
                   "idle_timeout_s": math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0,
-                  "shutdown_grace_s": math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0}
+                  "shutdown_grace_s": math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0,
+                  "open_timeout_s": math.isfinite(self.open_timeout_s) and self.open_timeout_s > 0,
+                  "max_pending_opens": self.max_pending_opens >= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"bad server limit {bad[0]}={getattr(self, bad[0])!r}")
@@ -89,6 +99,7 @@ class Inbox:
     """The client's messages, read by a thread into a queue so that every wait has a timeout."""
 
     END = object()
+    EVICTED = object()  # put in by the server itself: this stream waited too long to send Open
 
     def __init__(self, request_iterator):
         self._queue: queue.Queue = queue.Queue()
@@ -104,6 +115,10 @@ class Inbox:
 
     def get(self, timeout: float):
         return self._queue.get(timeout=timeout)
+
+    def evict(self) -> None:
+        """Wake the handler waiting on this inbox at once, with EVICTED."""
+        self._queue.put(self.EVICTED)
 
 
 def _return_free_memory() -> None:
@@ -121,6 +136,8 @@ class VerifierServicer:
         self.max_context = min(engine.max_context, limits.max_context or engine.max_context)
         self.draining = threading.Event()
         self._sessions: dict[str, SessionState] = {}
+        self._generates = 0  # Generate calls in progress: they count against max_sessions too
+        self._pending_opens: deque[Inbox] = deque()  # streams that have not sent Open yet, oldest first
         self._lock = threading.Lock()
 
     @property
@@ -134,16 +151,48 @@ class VerifierServicer:
             raise SessionAbort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; reopen the session on "
                                "another replica (the edge replays its history)", "shutdown")
 
+    def _at_capacity(self) -> SessionAbort:
+        return SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier is at its limit of "
+                            f"{self.limits.max_sessions} concurrent sessions; retry later or use another replica",
+                            "capacity")
+
     def _admit(self, state: SessionState) -> None:
         with self._lock:
-            if len(self._sessions) >= self.limits.max_sessions:
-                raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"verifier is at its limit of {self.limits.max_sessions} concurrent sessions; "
-                                   "retry later or use another replica", "capacity")
+            if len(self._sessions) + self._generates >= self.limits.max_sessions:
+                raise self._at_capacity()
             self._sessions[state.session_id] = state
             count = len(self._sessions)
         self.metrics.sessions.set(count)
         self.metrics.sessions_opened.inc()
+
+    @contextlib.contextmanager
+    def _awaiting_open(self, inbox: Inbox):
+        """Count this stream among those that have not sent Open; past ``max_pending_opens`` the one that has
+        waited longest is evicted at once (a client that opens promptly is never the oldest for long, so
+        streams that never open cannot keep new sessions out)."""
+        with self._lock:
+            self._pending_opens.append(inbox)
+            while len(self._pending_opens) > self.limits.max_pending_opens:
+                self._pending_opens.popleft().evict()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if inbox in self._pending_opens:
+                    self._pending_opens.remove(inbox)
+
+    @contextlib.contextmanager
+    def _generating(self):
+        """Count a Generate call against max_sessions while it runs."""
+        with self._lock:
+            if len(self._sessions) + self._generates >= self.limits.max_sessions:
+                raise self._at_capacity()
+            self._generates += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._generates -= 1
 
     def _release(self, state: SessionState) -> None:
         with self._lock:
@@ -154,22 +203,31 @@ class VerifierServicer:
             _return_free_memory()
 
     # -- Session -------------------------------------------------------------------------------------
-    def _next(self, inbox: Inbox, expected: str):
-        """The client's next message (None when it half-closed), waiting at most the idle timeout."""
-        deadline = time.monotonic() + self.limits.idle_timeout_s
+    def _next(self, inbox: Inbox, expected: str, opening: bool = False):
+        """The client's next message (None when it half-closed), waiting at most the idle timeout, or the open
+        timeout for a stream's first message (``opening``)."""
+        timeout = self.limits.open_timeout_s if opening else self.limits.idle_timeout_s
+        deadline = time.monotonic() + timeout
         while True:
             self._check_serving()
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and opening:
+                raise SessionAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no Open within the open timeout of "
+                                   f"{timeout:g} s: a stream must start with Open", "open_timeout")
             if remaining <= 0:
                 raise SessionAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"no {expected} within the idle timeout of {self.limits.idle_timeout_s:g} s; "
-                                   "session evicted: reopen it to continue (the edge replays its history)", "idle")
+                                   f"no {expected} within the idle timeout of {timeout:g} s; session evicted: "
+                                   "reopen it to continue (the edge replays its history)", "idle")
             try:
                 msg = inbox.get(timeout=min(remaining, _POLL_S))
             except queue.Empty:
                 continue
             if msg is Inbox.END:
                 return None
+            if msg is Inbox.EVICTED:
+                raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"evicted before Open: more than "
+                                   f"{self.limits.max_pending_opens} streams were waiting to send Open; a stream "
+                                   "must start with Open", "pending_open")
             if isinstance(msg, Unparseable):
                 raise SessionAbort(INVALID, f"not a valid hybrid.v1.EdgeMessage ({msg.error})", "parse")
             return msg
@@ -221,10 +279,11 @@ class VerifierServicer:
     def Session(self, request_iterator, context):
         inbox, state = Inbox(request_iterator), None
         try:
-            first = self._next(inbox, "Open")
-            if first is None:
-                return
-            state = self._open(first)
+            with self._awaiting_open(inbox):
+                first = self._next(inbox, "Open", opening=True)
+                if first is None:
+                    return
+                state = self._open(first)
             log.info("session opened", extra={"session": state.session_id, "peer": context.peer(),
                                                "prompt_tokens": len(state.context)})
             yield pb.CloudMessage(opened=pb.Opened(
@@ -271,13 +330,15 @@ class VerifierServicer:
             settings = check_sampling(request.sampling, self.engine.id_space, "GenerateRequest")
             prompt = check_prompt(request.prompt_ids, self.engine.id_space, self.max_context,
                                   "GenerateRequest.prompt_ids", extra=request.max_new_tokens)
+            stop_ids = set(check_ids(request.stop_ids, self.engine.id_space, "GenerateRequest.stop_ids"))
             seed = request.seed if request.HasField("seed") else None
-            self.metrics.generates.inc()
-            for token in self.engine.generate(prompt, settings, seed, request.max_new_tokens, set(request.stop_ids)):
-                if not context.is_active():
-                    return
-                self._check_serving()  # draining: UNAVAILABLE, never a silently truncated OK
-                yield pb.GenerateChunk(token_ids=[token])
+            with self._generating():
+                self.metrics.generates.inc()
+                for token in self.engine.generate(prompt, settings, seed, request.max_new_tokens, stop_ids):
+                    if not context.is_active():
+                        return
+                    self._check_serving()  # draining: UNAVAILABLE, never a silently truncated OK
+                    yield pb.GenerateChunk(token_ids=[token])
         except SessionAbort as exc:
             self._count_abort(exc)
             context.abort(exc.code, str(exc))
@@ -318,14 +379,19 @@ def build_server(engine: VerifierModel, address: str, limits: ServerLimits = Ser
                  tokens: TokenStore | None = None) -> VerifierServer:
     """A not-yet-started server with the Verifier, health and reflection services, bound to ``address``."""
     metrics = metrics or VerifierMetrics()
-    # A thread per session stream plus room for health checks and Generate calls; past that, gRPC itself
-    # answers RESOURCE_EXHAUSTED instead of queueing calls that would never be served in time.
-    workers = limits.max_sessions + 16
+    # A thread per session or Generate call (max_sessions together), per stream still to send Open
+    # (max_pending_opens, each for at most open_timeout_s), and a reserve that keeps health checks, reflection
+    # and the refusals themselves answerable whatever the clients do; past that, gRPC itself answers
+    # RESOURCE_EXHAUSTED instead of queueing calls that would never be served in time.
+    workers = limits.max_sessions + limits.max_pending_opens + 16
+    # Calls past the workers wait for one (a stream evicted before Open frees its worker at once) rather than
+    # being refused outright: a burst of streams that never open must not refuse a health check.
+    max_calls = 8 * workers
     options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.max_send_message_length", limits.max_message_bytes)]
     interceptors = [TokenAuthInterceptor(tokens, lambda reason: metrics.rejected.labels(reason).inc())] if tokens else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
-                         interceptors=interceptors, maximum_concurrent_rpcs=workers)
+                         interceptors=interceptors, maximum_concurrent_rpcs=max_calls)
     servicer = VerifierServicer(engine, limits, metrics)
     server.add_generic_rpc_handlers((_verifier_handlers(servicer),))
     health_servicer = health.HealthServicer()

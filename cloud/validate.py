@@ -22,10 +22,27 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 ORDER = grpc.StatusCode.FAILED_PRECONDITION
 
 
+# gRPC sends the status message as trailing metadata, whose hard limit is a few kB: a message that echoes a
+# 900 kB field reaches the client as RESOURCE_EXHAUSTED ("metadata size exceeds hard limit") instead.
+MAX_DETAIL_CHARS = 1000
+MAX_ECHO_CHARS = 80
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut to MAX_ECHO_CHARS, saying how long it was: how a client's value is echoed back."""
+    text = repr(value)
+    if len(text) <= MAX_ECHO_CHARS:
+        return text
+    return f"{text[:MAX_ECHO_CHARS]}... ({len(text):,} characters)"
+
+
 class SessionAbort(Exception):
-    """Ends one call with a gRPC status code and a human-readable message; ``reason`` labels the metric."""
+    """Ends one call with a gRPC status code and a human-readable message; ``reason`` labels the metric.
+    The message is capped at MAX_DETAIL_CHARS whatever a check put in it."""
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "invalid"):
+        if len(message) > MAX_DETAIL_CHARS:
+            message = message[:MAX_DETAIL_CHARS - 20] + " ... (truncated)"
         super().__init__(message)
         self.code = code
         self.reason = reason
@@ -51,6 +68,9 @@ def check_fingerprint(msg: pb.Fingerprint, own: dict, what: str) -> None:
     the logit width, so it is refused with a message asking for an upgrade.
     """
     remote = fingerprint_from_msg(msg)
+    if len(remote["tokenizer_hash"]) > MAX_ECHO_CHARS:  # a hash is 16 hex digits: never echo a huge one
+        raise SessionAbort(ORDER, f"{what}.fingerprint.tokenizer_hash is {shown(remote['tokenizer_hash'])}, not a "
+                           "tokenizer hash (16 hex digits)", "fingerprint")
     if remote["id_space"] is None:
         raise SessionAbort(ORDER, f"{what}.fingerprint has no id_space: this client predates id-space pairing "
                            "(tokenizer hash + id space; logit widths are no longer compared) and must be upgraded",
@@ -74,6 +94,8 @@ def check_sampling(msg: pb.Sampling, n: int, what: str) -> SamplingSettings:
 
 def check_codec(msg: pb.Codec, n: int) -> CodecSpec:
     """The codec spec, or INVALID_ARGUMENT; a top set may not exceed the id space ``n``."""
+    if len(msg.name) > MAX_ECHO_CHARS:
+        raise SessionAbort(INVALID, f"bad Open.codec: unknown codec {shown(msg.name)}", "codec")
     try:
         codec = codec_from_msg(msg)
     except ValueError as exc:

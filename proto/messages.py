@@ -28,9 +28,15 @@ def codec_to_msg(c: CodecSpec) -> pb.Codec:
     return pb.Codec(name=c.name, k=c.k, eps=c.eps, k_max=c.k_max, bits=c.bits)
 
 
+# The Codec fields each codec reads; proto3 sends 0 for the others, which must not be validated for it.
+CODEC_PARAMETERS = {"full32": (), "full16": (), "topk": ("k",), "adaptive": ("eps", "k_max", "bits")}
+
+
 def codec_from_msg(m: pb.Codec) -> CodecSpec:
-    """Raises ValueError (from CodecSpec) on unknown names or out-of-range parameters."""
-    return CodecSpec(name=m.name, k=m.k, eps=m.eps, k_max=m.k_max, bits=m.bits)
+    """Raises ValueError (from CodecSpec) on unknown names or out-of-range parameters. Only the parameters
+    the named codec uses are taken from the message (an Open with just ``name = "full32"`` is valid)."""
+    used = CODEC_PARAMETERS.get(m.name, ("k", "eps", "k_max", "bits"))
+    return CodecSpec(name=m.name, **{field: getattr(m, field) for field in used})
 
 
 def fingerprint_to_msg(fp: dict) -> pb.Fingerprint:

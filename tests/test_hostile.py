@@ -26,6 +26,7 @@ pytestmark = pytest.mark.hostile
 
 V = 32000
 MAX_SESSIONS, IDLE_S, MAX_CONTEXT, MAX_MESSAGE = 6, 3.0, 128, 200_000
+OPEN_S, MAX_PENDING = 2.0, 10  # the open timeout and the streams that may wait to send Open
 INVALID, ORDER = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -33,7 +34,8 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 @pytest.fixture(scope="module")
 def verifier():
     args = ("--max-sessions", str(MAX_SESSIONS), "--idle-timeout", str(IDLE_S), "--max-context", str(MAX_CONTEXT),
-            "--max-message-bytes", str(MAX_MESSAGE), "--metrics-port", "0")
+            "--max-message-bytes", str(MAX_MESSAGE), "--metrics-port", "0", "--open-timeout", str(OPEN_S),
+            "--max-pending-opens", str(MAX_PENDING))
     with VerifierProcess(str(DEMO_PAIR / "llm"), extra_args=args) as proc:
         yield proc
 
@@ -202,6 +204,10 @@ SESSION_CASES = {
                                       grpc.StatusCode.UNIMPLEMENTED, "span"),
     "step to judge (not served yet)": (lambda m: [open_msg(m), verify_msg(step=pb.StepToJudge(step_ids=[5]))],
                                        grpc.StatusCode.UNIMPLEMENTED, "step"),
+    # echoed values are truncated: a huge one must not turn the status into "metadata size exceeds hard limit"
+    "20 kB codec name": (lambda m: [open_msg(m, codec=pb.Codec(name="z" * 20_000))], INVALID, "20,002 characters"),
+    "150 kB tokenizer hash": (lambda m: [open_msg(m, fingerprint=fingerprint(m, tokenizer_hash="f" * 150_000))],
+                              ORDER, "not a tokenizer hash"),
 }
 
 
@@ -218,6 +224,7 @@ GENERATE_CASES = {
     "Generate: past the context limit": (lambda m: generate_request(m, max_new_tokens=MAX_CONTEXT), INVALID,
                                          "context limit"),
     "Generate: bytes that are not protobuf": (lambda m: b"\x0a\xff", INVALID, "not a valid"),
+    "Generate: stop id out of range": (lambda m: generate_request(m, stop_ids=[2, V + 3]), INVALID, "stop_ids"),
 }
 
 
@@ -242,6 +249,54 @@ def test_hostile_input(name, model, channel, reference):
     code, details, _ = _alongside_good_session(model, channel, reference, lambda: raw_call(channel, build(model)))
     assert code == expected, details
     assert words.lower() in details.lower()
+
+
+def test_every_refusal_fits_in_a_status(model, channel):
+    """Details stay short whatever the client sent (the server caps them), so the client reads the message."""
+    for name in ("20 kB codec name", "150 kB tokenizer hash"):
+        code, details, _ = raw_session(channel, SESSION_CASES[name][0](model))
+        assert code in (INVALID, ORDER) and len(details) < 1100, name
+
+
+def test_full32_open_with_only_its_name_is_served(model, channel):
+    """proto3 leaves unused codec fields at 0: parameters full32 does not read are not validated for it."""
+    code, details, responses = raw_session(channel, [open_msg(model, codec=pb.Codec(name="full32")), verify_msg(),
+                                                     CLOSE])
+    assert code == grpc.StatusCode.OK, details
+    assert responses[1].verdict.seq == 1
+
+
+def test_streams_that_never_open_cannot_lock_out_sessions_or_health(model, channel, reference, verifier):
+    """40 streams that send nothing (4x the pending-Open allowance) while a good session runs: health checks
+    answer and a new session opens and verifies during the flood; each silent stream is evicted (the oldest
+    first, RESOURCE_EXHAUSTED) or timed out (DEADLINE_EXCEEDED) within the open timeout, none waits for the
+    60 s idle timeout."""
+    hold = threading.Event()
+    results: list = []
+
+    def silent():
+        def nothing():
+            hold.wait(OPEN_S + 5)
+            return
+            yield  # a generator that sends no message
+        results.append(raw_session(channel, nothing(), timeout=OPEN_S + 10))
+
+    def flood():
+        threads = [threading.Thread(target=silent, daemon=True) for _ in range(4 * MAX_PENDING)]
+        for t in threads:
+            t.start()
+        during = (is_serving(channel),
+                  raw_session(channel, [open_msg(model), verify_msg(), CLOSE])[:2])  # a newcomer, mid-flood
+        for t in threads:
+            t.join(OPEN_S + 15)
+        hold.set()
+        return during
+
+    serving, newcomer = _alongside_good_session(model, channel, reference, flood)
+    assert serving and newcomer[0] == grpc.StatusCode.OK, newcomer
+    assert len(results) == 4 * MAX_PENDING
+    assert all(code in (EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) for code, _, _ in results)
+    assert any("evicted before Open" in details for _, details, _ in results)
 
 
 def test_stream_left_idle_is_evicted(model, channel, reference, verifier):
