@@ -1,6 +1,8 @@
 """Export a causal LM (hub id or local folder) to ONNX for the edge, check parity, write the manifest.
 
-The path is the one real models take: optimum's ``main_export`` with task ``text-generation-with-past``.
+The path is the one real models take: optimum's ONNX exporter (``onnx_export_from_model``, task
+``text-generation-with-past``) on the model loaded with the attention implementation its config needs
+(``cloud/attention.py``: eager for Gemma-2's soft-capping), which the parity reference and the verifier use too.
 Options: ``fp16`` (float16 weights and compute, fp32 inputs/outputs so the edge feeds the same arrays),
 ``int8`` (dynamic quantization of MatMul only: with tied embeddings, quantizing the Gather too makes
 decoding slower). Afterwards ONNX logits are compared with PyTorch's on a few prompts, through the edge's
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.attention import attn_implementation
 from edge.manifest import Manifest
 from edge.runtime import OnnxCausalLM
 from models.metadata import eos_token_ids, external_data_files, max_positions
@@ -33,16 +36,32 @@ class ExportError(RuntimeError):
     pass
 
 
-def _optimum_export(model: str, out: Path) -> None:
-    from optimum.exporters.onnx import main_export
+def load_reference(model_source: str):
+    """The PyTorch model in fp32, with the attention implementation its config needs (cloud/attention.py):
+    what the graph is traced from, what parity compares against, what the verifier runs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    main_export(
-        model,
+    attn = attn_implementation(AutoConfig.from_pretrained(model_source))
+    return AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def _optimum_export(model: str, out: Path) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.utils.save_utils import maybe_load_preprocessors
+
+    # optimum's main_export loads the model itself with transformers' default attention (sdpa, which drops
+    # Gemma-2's attention soft-capping) and passes no loading arguments through (its model_kwargs go to
+    # forward): so the model is loaded here and handed to onnx_export_from_model, which main_export ends with.
+    reference = load_reference(model)
+    reference.config.use_cache = True  # as main_export does for a -with-past task
+    onnx_export_from_model(
+        reference,
         output=out,
         task="text-generation-with-past",
         device="cpu",
         do_validation=False,  # parity is checked below, through the edge runtime itself
-        library_name="transformers",
+        preprocessors=maybe_load_preprocessors(model),
     )
 
 
@@ -66,14 +85,16 @@ def _quantize_int8(path: Path) -> None:
     tmp.rename(path)
 
 
-def parity_check(model_source: str, onnx_path: Path, prompts: list[str] = PARITY_PROMPTS) -> dict:
-    """Max |logits_onnx - logits_torch| over prompt positions and one cached decode step per prompt."""
+def parity_check(model_source: str, onnx_path: Path | None, prompts: list[str] = PARITY_PROMPTS,
+                 runtime=None) -> dict:
+    """Max |logits_onnx - logits_torch| over prompt positions and one cached decode step per prompt, through
+    ``runtime`` (any edge runtime returning every logit row; default: ORT on ``onnx_path``)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_source)
-    reference = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32).eval()
-    runtime = OnnxCausalLM(onnx_path, providers="cpu")
+    reference = load_reference(model_source)  # Gemma-2: eager, so the reference applies its soft-capping
+    runtime = runtime or OnnxCausalLM(onnx_path, providers="cpu")
     worst, top1_agree, n = 0.0, 0, 0
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]

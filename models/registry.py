@@ -44,6 +44,12 @@ PAIRS = [
               49_152, 49_152, 49_152, "same 49k BPE; a very small edge model"),
     ModelPair("gpt2-gpt2xl", "openai-community/gpt2", "openai-community/gpt2-xl", 50_257, 50_257, 50_257,
               "GPT-2 export takes no position_ids in some versions: inputs are fed by name"),
+    ModelPair("phi3-mini-medium", "microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3-medium-4k-instruct",
+              32_064, 32_064, 32_011, "Llama-2 SentencePiece + 11 added chat tokens (32,011 ids) on both sides; "
+              "generation_config.json ends turns on 32000, 32001 and 32007"),
+    ModelPair("gemma2-2b-9b", "google/gemma-2-2b-it", "google/gemma-2-9b-it", 256_000, 256_000, 256_000,
+              "same 256k SentencePiece (gated repos); attention soft-capping: export, parity and verifier load "
+              "eager attention (cloud/attention.py), sdpa would drop it"),
 ]
 
 
