@@ -26,6 +26,8 @@ INTEGRATION_MODULES = {
     "test_demo_pair",
     "test_demo_smoke",
     "test_edge_runtime",
+    "test_families",  # builds, exports and serves a tiny model of each family
+    "test_genai",  # builds, exports (optimum and the genai builder) and serves a tiny model
     "test_hostile",
     "test_hybrid_e2e",
     "test_load",
