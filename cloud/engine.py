@@ -143,10 +143,10 @@ class VerifierModel:
                  max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
         """The large model's own tokens (cloud-only baseline), one forward per token."""
         rng, cache = np.random.default_rng(seed), DynamicCache()
-        logits = self._logits_last(cache, list(prompt_ids))[0]
+        logits = self._logits_last(cache, list(prompt_ids))[0][-1]  # [N]
         for i in range(max_new_tokens):
             token = next_token(logits, settings, rng)
             yield token
             if token in stop_ids or i + 1 == max_new_tokens:
                 return
-            logits = self._logits_last(cache, [token])[0]
+            logits = self._logits_last(cache, [token])[0][-1]
