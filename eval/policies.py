@@ -19,6 +19,7 @@ from models.task import MAX_SOLUTION_TOKENS
 from proto.distribution import CodecSpec
 
 LOCAL, HYBRID, GENERATE = "local", "hybrid", "generate"  # routes: SLM alone, SLM + verifier, LLM alone
+PIPELINED_LOOKAHEAD = 16  # default-pipelined's lookahead
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Policy:
     codec: str = "adaptive"
     threshold: float | str = math.inf  # a number, or a calibration rule name ("averse", "empirical")
     exact: bool = True  # verified tokens follow the LLM exactly; False = draft-dependent sending (biased)
+    lookahead: int = 0  # protocol v2: tokens drafted past the oldest unresolved Verify; 0 = stop-and-wait
 
     @property
     def calibrated(self) -> bool:
@@ -49,7 +51,7 @@ class Policy:
         if self.route == GENERATE:
             raise ValueError(f"policy {self.name!r} runs on the verifier (Generate), not in the edge loop")
         return HybridConfig(threshold=threshold, estimator=self.estimator, codec=CodecSpec(self.codec),
-                            settings=settings, max_new_tokens=max_new_tokens)
+                            settings=settings, max_new_tokens=max_new_tokens, lookahead=self.lookahead)
 
     def at(self, threshold: float) -> Policy:
         """The same policy at a fixed threshold, named ``name@u_th`` (threshold sweeps)."""
@@ -67,6 +69,9 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            codec="topk", threshold="averse", exact=False),
     Policy("default", HYBRID, "this project: 1 - max p (draft-independent), adaptive codec, empirical threshold",
            estimator=DEFAULT_ESTIMATOR, codec="adaptive", threshold="empirical"),
+    Policy("default-pipelined", HYBRID, f"default, drafting up to {PIPELINED_LOOKAHEAD} tokens past the oldest "
+           "unresolved Verify (protocol v2; the same tokens as default)", estimator=DEFAULT_ESTIMATOR, codec="adaptive",
+           threshold="empirical", lookahead=PIPELINED_LOOKAHEAD),
 )}
 
 

@@ -8,6 +8,8 @@ testbed's edge.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -102,7 +104,14 @@ def summarize(name: str, runs: list[ProblemRun]) -> dict:
         "acceptance_rate": (sum(bool(r.accepted) for r in sent) / len(sent)) if sent else None,
         "uplink_bytes_per_token": sum(run.result.uplink_bytes for run in runs) / tokens,
         "tokens_per_s": tokens / sum(run.result.seconds for run in runs),
+        "tokens_digest": tokens_digest(runs),
     }
+
+
+def tokens_digest(runs: list[ProblemRun]) -> str:
+    """A short hash of every problem's token ids, in order: two runs gave the same tokens iff it matches
+    (e.g. ``default`` and ``default-pipelined``: the lookahead never changes the tokens)."""
+    return hashlib.sha256(json.dumps([run.result.token_ids for run in runs]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,13 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _int_list(text: str) -> list[int]:
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts or not all(x.isdigit() for x in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated distinct integers >= 0, got {text!r}")
+    return [int(x) for x in parts]
+
+
 def _seed(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
@@ -97,7 +104,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--policy", choices=TESTBED_POLICIES, default="hlm")
     p.add_argument("--rates-mbit", type=_float_list, default=[5.0, 20.0, 100.0],
                    help="comma-separated uplink rates in Mbit/s (at least one should be the bottleneck)")
-    p.add_argument("--rtt-ms", type=non_negative_float, default=20.0, help="round-trip propagation delay added by the relay")
+    p.add_argument("--rtt-ms", type=_float_list, default=[20.0],
+                   help="comma-separated round-trip propagation delays added by the relay (ms)")
+    p.add_argument("--lookahead", type=_int_list, default=[0],
+                   help="comma-separated lookaheads of the edge (0 = stop-and-wait; N > 0 pipelines, protocol v2)")
     p.set_defaults(func=_validate)
     return parser
 

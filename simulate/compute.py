@@ -1,18 +1,26 @@
 """Service-time models fitted from the traces' measured times.
 
 Verifier: one forward pass over the tokens it prefills. Its measured time per Verify (``server_s``,
-reported by the verifier itself: wait for the model lock + forward + rejection) is fitted by least
+reported by the verifier itself: wait for the model worker + forward + rejection) is fitted by least
 squares as ``a + b * tokens`` with tokens = prompt + pending on a session's first Verify, 1 + pending
-afterwards (``Generation.prefilled``). The cloud-only baseline is fitted the same way from its chunk
+afterwards (``Generation.prefilled``). The wait for the model worker (``queue_s``, where recorded) is
+the simulator's own queue to model: each sample has it replaced by the trace's median wait (the
+hand-off to the worker thread, ~0.1 ms in a single-session recording), so contention a recording saw
+(other sessions, a starved thread) is not counted twice. The cloud-only baseline is fitted the same way from its chunk
 inter-arrival times at the client (first chunk: prompt prefill; later: one token each). A batch of
 requests served together costs ``a + b * (their tokens summed)``: the fixed cost is paid once. That
 batching rule is the model's extrapolation (traces are recorded one session at a time, so they cannot
 show batching); runs default to ``max_batch = 1``.
 
 Edge: the trace's own per-token compute times are replayed (``edge.compute = "trace"``), or each
-replaced by the trace's median (``"median"``) to strip the recording machine's scheduling noise. Either
-way each token also gets an equal share of its generation's untimed loop work (``Generation.untimed_s``:
-wall time minus per-token compute and waits; encoding a full32 payload alone is ~1 ms per Verify).
+replaced by the trace's median (``"median"``) to strip the recording machine's scheduling noise; a sent
+token also pays its recorded ``encode_s`` (encoding p~ and submitting the Verify). The work the per-token
+timers miss (``Generation.untimed_s``) is, for v2 traces, per-generation work (prefill beyond the Open,
+thread hand-offs, closing): it is replayed once, before the first draft (``Generation.head_s``). Older
+traces (no ``open_s``) keep the earlier rule, an equal share per token (their loop wrote the trace and
+encoded p~ between the timers). A v2 edge's first Verify above the smallest message limit any verifier
+may set waits for Opened inside ``encode_s``; the simulator models that wait itself, so that one
+``encode_s`` is replaced by the trace's typical one.
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ class ServiceModel:
 def service_samples(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """(tokens prefilled, seconds) per verifier call of the trace; empty for SLM-only."""
     xs, ys = [], []
+    waits = [g.queue_s[g.sent] for g in trace.generations if g.mode == "hybrid" and g.sent.any()]
+    handoff = float(np.median(np.concatenate(waits))) if waits else 0.0
     for g in trace.generations:
         if g.mode == "hybrid" and g.sent.any():
             xs.append(g.prefilled()[g.sent])
-            ys.append(g.server_s[g.sent])
+            ys.append(g.server_s[g.sent] - g.queue_s[g.sent] + handoff)
         elif g.mode == "stream":
             tokens = np.ones(g.tokens, dtype=np.int64)
             tokens[0] = g.prompt_tokens
@@ -81,16 +91,59 @@ def rpc_overhead(trace: Trace) -> float:
 
     Valid for traces recorded on loopback (``simulate record``), where that difference is only the two
     gRPC stacks' work (serialization, HTTP/2, thread hand-offs); for a trace recorded over a real
-    network it would include the network, so give ``verifier.rpc_overhead_s`` as a number instead."""
-    diffs = [g.wait_s[g.sent] - g.server_s[g.sent] for g in trace.generations if g.mode == "hybrid" and g.sent.any()]
+    network it would include the network, so give ``verifier.rpc_overhead_s`` as a number instead. In a
+    pipelined generation only the verdicts the loop blocked for count (one taken at a later poll, or
+    queued behind the session's earlier Verifies, waited for more than the stacks)."""
+    diffs = []
+    for g in trace.generations:
+        if g.mode != "hybrid" or not g.sent.any():
+            continue
+        mask = g.sent
+        if g.lookahead and (g.sent & (g.blocked_s > 0)).any():
+            mask = g.sent & (g.blocked_s > 0)
+        diffs.append(g.wait_s[mask] - g.server_s[mask])
     return max(0.0, float(np.median(np.concatenate(diffs)))) if diffs else 0.0
 
 
-def edge_step_times(trace: Trace, mode: str) -> list[np.ndarray]:
-    """Per generation, [T] edge compute per token as the simulator replays it."""
+# The smallest message limit a verifier may set (``edge.client.MIN_MESSAGE_LIMIT``, protobuf bytes): a larger
+# Verify waits for Opened before it goes up (tests check the two agree).
+MIN_MESSAGE_LIMIT = 1024
+GRPC_PREFIX = 5
+
+
+def waits_for_opened(grpc_bytes: int) -> bool:
+    """A v2 edge's Verify of ``grpc_bytes`` (trace size) waits for Opened when Opened has not arrived."""
+    return grpc_bytes - GRPC_PREFIX > MIN_MESSAGE_LIMIT
+
+
+def replay_encode(trace: Trace) -> list[np.ndarray]:
+    """Per generation, [T] ``encode_s`` as replayed: a v2 generation's first Verify, when large enough to wait
+    for Opened, gets the trace's median encode_s of the other Verifies of that size instead of its own
+    (which holds that wait, modelled by the simulator)."""
+    out, firsts, others = [], [], []
+    for g in trace.generations:
+        enc = g.encode_s.copy()
+        out.append(enc)
+        sent = np.flatnonzero(g.sent)
+        if g.open_s is None or not len(sent):
+            continue
+        big = [i for i in sent if waits_for_opened(int(g.up_bytes[i]))]
+        if big and big[0] == sent[0]:
+            firsts.append((enc, big[0]))
+            others += [float(g.encode_s[i]) for i in big[1:]]
+    if firsts:
+        typical = float(np.median(others)) if others else 0.0
+        for enc, i in firsts:
+            enc[i] = min(enc[i], typical)
+    return out
+
+
+def _slm_steps(trace: Trace, mode: str) -> tuple[list[np.ndarray], float | None]:
+    """Per generation, [T] SLM step times as replayed; and the decode step for rolled-back drafts in
+    ``median`` mode (None: their own)."""
     if mode == "trace":
-        return [g.step_s + g.untimed_s / g.tokens for g in trace.generations]
-    # the first step also prefills the prompt: keep its own median apart from the decode steps'
+        return [g.step_s for g in trace.generations], None
+    # the first step of an older trace also prefilled the prompt: keep its own median apart from the decode steps'
     first = float(np.median([g.step_s[0] for g in trace.generations]))
     rest = [g.step_s[1:] for g in trace.generations if g.tokens > 1]
     step = float(np.median(np.concatenate(rest))) if rest else first
@@ -98,6 +151,22 @@ def edge_step_times(trace: Trace, mode: str) -> list[np.ndarray]:
     for g in trace.generations:
         times = np.full(g.tokens, step)
         times[0] = first
-        times += g.untimed_s / g.tokens
         out.append(times)
+    return out, step
+
+
+def edge_step_times(trace: Trace, mode: str) -> list[np.ndarray]:
+    """Per generation, [T] edge compute per token as the simulator replays it (older traces: with their
+    share of the untimed work; v2 traces: with ``encode_s``, the untimed work going to ``head_s``)."""
+    steps, _ = _slm_steps(trace, mode)
+    out = []
+    for g, step, enc in zip(trace.generations, steps, replay_encode(trace)):
+        out.append(step + enc + (g.untimed_s / g.tokens if g.open_s is None else 0.0))
     return out
+
+
+def rolled_back_times(trace: Trace, mode: str) -> list[np.ndarray]:
+    """Per generation, [R] edge compute of each rolled-back draft (SLM step + encode_s when it sent a Verify)."""
+    _, decode = _slm_steps(trace, mode)
+    return [(g.rb_step_s if decode is None else np.full(g.rolled_back, decode)) + g.rb_encode_s
+            for g in trace.generations]

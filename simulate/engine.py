@@ -12,8 +12,23 @@
   cost a + b·(tokens summed) divided by ``speed``. Each Verify round trip also pays the gRPC stacks'
   software latency (``compute.rpc_overhead``), a pure delay that occupies neither link nor worker.
 
-Per-token latency = time between a token's commit and the previous one's on the same device (the first
-token of a generation counts from the start of its handshake).
+Protocol-v2 traces (``open_s`` on the open line; stop-and-wait or pipelined) replay the edge loop itself
+(``simulate/loop.py``): Open leaves ``open_s`` into the generation without waiting for Opened, the edge
+drafts after its head (``Generation.head_s``), keeps drafting while Verifies travel up to the lookahead,
+rolls back at a rejection (the doomed drafts' compute is spent, their Verifies go up and come back stale:
+uplink and downlink bytes, no forward pass), and blocks when the lookahead is exhausted and at the end.
+A device's messages leave in order (one TCP connection: a message starts when the previous one's last
+bit has left) and the verifier serves a session's Verifies in order (one stream). Older traces (no
+``open_s``) replay as before: the Open handshake first, one Verify at a time.
+
+Per-token latency = from the start of a token's draft to its commit (v2 traces; the first token of a
+generation from the start of the generation). For older traces: time between a token's commit and the
+previous one's on the same device (the first token from the start of its handshake); with one Verify at
+a time the two definitions agree.
+
+``recorded=True`` replays the trace at its own round trips: each Verify's verdict is taken ``wait_s``
+after it was sent, no link and no verifier (a stale Verify, whose round trip is not recorded, gets the
+trace's median wait - server time): the measured side of the validation, with the same definitions.
 """
 
 from __future__ import annotations
@@ -27,11 +42,12 @@ import numpy as np
 import simpy
 
 from simulate.channel import FixedRate, LinkModel, Propagation, TraceRate, Wireless, read_capacity_csv
-from simulate.compute import ServiceModel, edge_step_times, fit_service, rpc_overhead
+from simulate.compute import ServiceModel, edge_step_times, fit_service, rolled_back_times, rpc_overhead
 from simulate.config import LinkConfig, SimConfig
 from simulate.links import PSLink, TDMALinks
+from simulate.loop import LoopScript, Verify, build_loop_script
 from simulate.script import Script, build_script
-from simulate.trace import Trace, load_trace
+from simulate.trace import Generation, Trace, load_trace
 
 
 class Verifier:
@@ -88,17 +104,41 @@ class _Direction:
     messages: int = 0
     message_bytes: int = 0  # link bytes of the messages themselves (resends excluded)
     delivered_bytes: int = 0
+    queues: dict = field(default_factory=dict)  # device -> messages waiting for its message on the link
 
     def send(self, env: simpy.Environment, device: int, nbytes: int, extra_s: float = 0.0) -> simpy.Event:
+        """An event that fires when the message is delivered. A device's messages leave in order (one TCP
+        connection): a message starts when the device's previous one has left the link."""
+        self.messages += 1
+        self.message_bytes += nbytes
+        queue = self.queues.get(device)
+        if queue is None:  # the device has nothing on the link: start now
+            self.queues[device] = []
+            return self._start(env, device, nbytes, extra_s, None)
+        done = env.event()
+        queue.append((nbytes, extra_s, done))
+        return done
+
+    def _start(self, env: simpy.Environment, device: int, nbytes: int, extra_s: float,
+               done: simpy.Event | None) -> simpy.Event:
         packets = -(-nbytes // self.framing_packet)
         resent, extra_delay = self.path.losses(packets, self.rng)
         total = nbytes + resent * min(self.framing_packet, nbytes)
-        self.messages += 1
-        self.message_bytes += nbytes
         work = self.model.work(device, total * 8.0, env.now, self.rng)
-        done = self.link.send(work, total, self.path.delay(self.rng) + extra_delay + extra_s, device)
-        done.callbacks.append(lambda _ev: self._delivered(total))
-        return done
+        delivered = self.link.send(work, total, self.path.delay(self.rng) + extra_delay + extra_s, device,
+                                   on_leave=lambda: self._left(env, device))
+        delivered.callbacks.append(lambda _ev: self._delivered(total))
+        if done is not None:
+            delivered.callbacks.append(lambda _ev: done.succeed())
+        return delivered
+
+    def _left(self, env: simpy.Environment, device: int) -> None:
+        """The device's message on the link has left: its next queued one starts."""
+        queue = self.queues[device]
+        if queue:
+            self._start(env, device, *queue.pop(0))
+        else:
+            del self.queues[device]
 
     def _delivered(self, nbytes: int) -> None:
         self.delivered_bytes += nbytes
@@ -118,31 +158,240 @@ class RunResult:
     devices: list[DeviceLog] = field(default_factory=list)
 
 
-class Simulation:
-    """One run of one configuration; ``run()`` returns the metrics."""
+class _Session:
+    """A replayed v2 session's order on the verifier: the event its latest message is served at."""
 
-    def __init__(self, config: SimConfig, trace: Trace, service: ServiceModel | None = None):
-        self.config, self.trace = config, trace
+    __slots__ = ("served", "opened")
+
+    def __init__(self, served: simpy.Event | None, opened: simpy.Event | None):
+        self.served, self.opened = served, opened
+
+
+class _Flight:
+    """A Verify whose verdict the replayed edge has not taken: its draft's index, whether it is live (not
+    of a doomed branch), whether its verdict rejects, and the event of the verdict's arrival."""
+
+    __slots__ = ("index", "live", "rejects", "arrived")
+
+    def __init__(self, index: int, live: bool, rejects: bool, arrived: simpy.Event):
+        self.index, self.live, self.rejects, self.arrived = index, live, rejects, arrived
+
+
+class _LoopReplay:
+    """The protocol-v2 edge loop (``simulate/loop.py``) on a SimPy clock. ``Simulation`` adds the links and
+    the verifier; alone (``recorded=True``) it replays a generation at its recorded round trips."""
+
+    def __init__(self, env: simpy.Environment, recorded: bool):
+        self.env, self.recorded = env, recorded
+        self.dynamic_latency: list[float] = []
+        self.static_latency: list[np.ndarray] = []
+        self.up_grpc = 0
+        self.tokens_sent = 0
+        self.stale_sent = 0  # stale Verifies sent (doomed drafts')
+        self.rolled_back = 0  # drafts discarded by a rollback
+
+    def _loop(self, d: int, s: LoopScript):
+        env, lat = self.env, self.dynamic_latency
+        t0 = env.now
+        self.up_grpc += s.open_up[1] + s.close_up[1]
+        if s.open_s:
+            yield env.timeout(s.open_s)
+        if self.recorded:
+            session = _Session(None, None)
+        else:  # Open goes up; nobody waits for Opened but a Verify too large to go before it
+            arrived = self.up.send(env, d, s.open_up[0])
+            opened = env.event() if s.waits_opened else None
+            arrived.callbacks.append(lambda _ev: self._opened(d, s.open_down, opened))
+            session = _Session(arrived, opened)
+        if s.head_s > s.open_s:
+            yield env.timeout(s.head_s - s.open_s)
+        flights: deque[_Flight] = deque()
+        starts: dict[int, float] = {}  # draft start per tentative index not committed yet
+        tent = committed = 0  # tentative tokens drafted; tokens committed
+        doomed = -1  # the rejected index whose verdict is still travelling: drafting after it is doomed
+
+        def commit(now: float) -> None:
+            """Tokens before the oldest live Verify in flight are final: their latency ends now."""
+            nonlocal committed
+            upto = next((f.index for f in flights if f.live), tent) if flights else tent
+            for i in range(committed, upto):
+                lat.append(now - starts.pop(i))
+            committed = max(committed, upto)
+
+        def take(f: _Flight) -> None:
+            nonlocal tent, doomed
+            if f.live and f.rejects:  # roll back: the drafts after it are discarded, their Verifies are stale
+                self.rolled_back += tent - f.index - 1
+                for i in range(f.index + 1, tent):
+                    del starts[i]
+                tent, doomed = f.index + 1, -1
+            commit(env.now)
+
+        def finished() -> bool:
+            return tent >= s.tokens if doomed < 0 else s.chain_draft(doomed, tent) is None
+
+        def must_wait() -> bool:
+            if not flights:
+                return False
+            if finished():
+                return True  # every verdict, stale ones too, is taken before Close
+            live = next((f for f in flights if f.live), None)
+            return live is not None and tent - live.index - 1 >= s.lookahead
+
+        ahead = 0.0  # compute of skipped drafts folded into the next draft's delay
+        while True:
+            if flights:
+                while flights and flights[0].arrived.processed:
+                    take(flights.popleft())
+                if must_wait():
+                    f = flights.popleft()
+                    yield f.arrived
+                    take(f)
+                    continue
+            if not flights:
+                if tent >= s.tokens:
+                    break
+                # nothing in flight: the skipped drafts up to the next Verify commit as they are drafted (their
+                # latency is their compute), so they and that Verify's draft are one delay
+                run = s.runs.get(tent)
+                if run is None and s.next_sent[tent] > tent:
+                    run = s.run(tent)
+                if run is not None:
+                    j, ahead, own = run
+                    if tent == 0:
+                        own = own.copy()
+                        own[0] += env.now - t0  # the first token counts from the start of the generation
+                    self.static_latency.append(own)
+                    tent = committed = j
+                    if tent >= s.tokens:
+                        yield env.timeout(ahead)
+                        break
+            elif finished():
+                break
+            draft = s.final[tent] if doomed < 0 else s.chain_draft(doomed, tent)
+            start = env.now + ahead if tent else t0
+            yield env.timeout(ahead + draft.compute_s)
+            ahead = 0.0
+            starts[tent] = start
+            index, tent = tent, tent + 1
+            v = draft.verify
+            if v is not None:
+                if v.waits_opened and session.opened is not None and not session.opened.processed:
+                    yield session.opened  # submit() reads the verifier's message limit from Opened first
+                live = doomed < 0
+                rejects = live and index in s.rejected
+                self.up_grpc += v.up_grpc
+                if live:
+                    self.tokens_sent += 1
+                else:
+                    self.stale_sent += 1
+                if not s.lookahead and not self.recorded:  # stop-and-wait: the round trip inline (fewer events)
+                    yield self.up.send(env, d, v.up_wire)
+                    if session.served is not None and not session.served.processed:
+                        yield session.served  # the Open before it
+                    session.served = None
+                    if v.tokens:
+                        yield self.verifier.submit(v.tokens)
+                    yield self.down.send(env, d, v.down_wire, self.rpc_s)
+                    commit(env.now)  # a rejection rolls back nothing: nothing was drafted past it
+                    continue
+                flights.append(_Flight(index, live, rejects, self._round_trip(d, session, v)))
+                if rejects:
+                    doomed = index
+            commit(env.now)  # final once no live Verify precedes it (stale ones in flight change nothing)
+        if s.close_up[0] and not self.recorded:
+            self.up.send(env, d, s.close_up[0])  # Close, after the last verdict; nobody waits for it
+
+    def _opened(self, d: int, nbytes: int, opened: simpy.Event | None) -> None:
+        """The verifier answers Open as it arrives (no forward pass): Opened down."""
+        done = self.down.send(self.env, d, nbytes, self.rpc_s)
+        if opened is not None:
+            done.callbacks.append(lambda _ev: opened.succeed())
+
+    def _round_trip(self, d: int, session: _Session, v: Verify) -> simpy.Event:
+        if self.recorded:
+            return self.env.timeout(v.wait_s)
+        return self.env.process(self._verify(d, session, v))
+
+    def _verify(self, d: int, session: _Session, v: Verify):
+        """Verify up, served after the session's earlier messages (one stream, in order), Verdict down. A stale
+        Verify is answered without a forward pass: no verifier time."""
+        env = self.env
+        before, served = session.served, env.event()
+        session.served = served
+        yield self.up.send(env, d, v.up_wire)
+        if before is not None:
+            yield before
+        if v.tokens:
+            yield self.verifier.submit(v.tokens)
+        served.succeed()
+        yield self.down.send(env, d, v.down_wire, self.rpc_s)  # + the gRPC stacks' own latency
+
+
+def recorded_loop_seconds(g: Generation, framing, stale_rtt_s: float) -> float:
+    """A v2 hybrid generation's loop time (first draft to the last verdict) replayed at its recorded timers
+    and round trips: the wall time it accounts for, stale verdicts' waits (which the trace does not time)
+    included."""
+    script = build_loop_script(g, g.step_s + g.encode_s, g.rb_step_s + g.rb_encode_s, 0.0, framing, stale_rtt_s)
+    probe = _LoopReplay(simpy.Environment(), recorded=True)
+    probe.env.process(probe._loop(0, script))
+    probe.env.run()
+    return probe.env.now - script.open_s  # the replay starts with the Open
+
+
+class Simulation(_LoopReplay):
+    """One run of one configuration; ``run()`` returns the metrics. ``recorded=True``: the trace at its own
+    round trips (see the module docstring); links and verifier are then unused."""
+
+    def __init__(self, config: SimConfig, trace: Trace, service: ServiceModel | None = None, recorded: bool = False):
+        self.config, self.trace, self.recorded = config, trace, recorded
+        if recorded and (trace.mode == "stream" or any(g.mode == "hybrid" and g.open_s is None
+                                                       for g in trace.generations)):
+            raise ValueError("the recorded replay needs protocol-v2 edge traces (open_s, encode_s, blocked_s)")
+        super().__init__(simpy.Environment(), recorded)
         self.rng = np.random.default_rng(config.seed)
-        self.env = simpy.Environment()
         if service is None and config.service_trace:
             service = fit_service(load_trace(config.traces[config.service_trace], config.service_trace))
         self.service = service or fit_service(trace)
         self.rpc_s = rpc_overhead(trace) if config.rpc_overhead_s is None else config.rpc_overhead_s
-        compute = [c / config.edge_speed for c in edge_step_times(trace, config.edge_compute)] \
-            if trace.mode != "stream" else [g.step_s for g in trace.generations]
-        self.compute = compute
-        self.scripts = [build_script(g, c, config.framing) for g, c in zip(trace.generations, compute)]
-        self._cut: dict[tuple[int, int], Script] = {}
+        speed = 1.0 if recorded else config.edge_speed
+        if trace.mode == "stream":
+            compute, rolled = [g.step_s for g in trace.generations], [None] * len(trace.generations)
+        elif recorded:  # the edge's own timers, as recorded
+            compute = [g.step_s + g.encode_s for g in trace.generations]
+            rolled = [g.rb_step_s + g.rb_encode_s for g in trace.generations]
+        else:
+            compute = [c / speed for c in edge_step_times(trace, config.edge_compute)]
+            rolled = [c / speed for c in rolled_back_times(trace, config.edge_compute)]
+        self.compute, self.rolled = compute, rolled
+        sent = [g.wait_s[g.sent] - g.server_s[g.sent] for g in trace.generations if g.mode == "hybrid"]
+        self.stale_rtt_s = max(0.0, float(np.median(np.concatenate(sent)))) if sent and sum(map(len, sent)) else 0.0
+        self.heads = [self._head(g, speed) for g in trace.generations]
+        self.scripts = [self._build(i) for i in range(len(trace.generations))]
+        self._cut: dict[tuple[int, int], Script | LoopScript] = {}
         n = config.devices
         self.up = self._direction(config.uplink, config.rtt_s / 2)
         self.down = self._direction(config.downlink, config.rtt_s / 2)
         self.verifier = Verifier(self.env, self.service, config.workers, config.max_batch, config.verifier_speed)
         self.devices = [DeviceLog() for _ in range(n)]
-        self.dynamic_latency: list[float] = []
-        self.static_latency: list[np.ndarray] = []
-        self.up_grpc = 0
-        self.tokens_sent = 0
+
+    def _head(self, g: Generation, speed: float) -> float | None:
+        """v2 traces: the edge's time before its first draft, ``open_s`` + the untimed per-generation work (which
+        scales with the edge). A pipelined generation's untimed work is what its wall time has beyond its loop
+        replayed at the recorded round trips (the trace does not time waits for stale verdicts)."""
+        if g.head_s is None:
+            return None
+        untimed = g.untimed_s
+        if g.mode == "hybrid" and g.lookahead:
+            untimed = max(0.0, g.seconds - g.open_s - recorded_loop_seconds(g, self.config.framing, self.stale_rtt_s))
+        return g.open_s + untimed / speed
+
+    def _build(self, index: int, tokens: int | None = None) -> Script | LoopScript:
+        g = self.trace.generations[index]
+        if g.mode == "hybrid" and g.open_s is not None:
+            return build_loop_script(g, self.compute[index], self.rolled[index], self.heads[index], self.config.framing,
+                                     self.stale_rtt_s, tokens)
+        return build_script(g, self.compute[index], self.config.framing, tokens)
 
     def _direction(self, link: LinkConfig, one_way: float) -> _Direction:
         c, f = self.config, self.config.framing
@@ -152,14 +401,13 @@ class Simulation:
         return _Direction(model, shared, Propagation(one_way, c.jitter_s, c.loss, c.retransmit_s),
                           f.mss + f.tcpip_bytes + f.l2_bytes, self.rng)
 
-    def _script(self, index: int, tokens: int) -> Script:
+    def _script(self, index: int, tokens: int) -> Script | LoopScript:
         script = self.scripts[index]
         if tokens >= script.tokens:
             return script
         key = (index, tokens)
         if key not in self._cut:
-            self._cut[key] = build_script(self.trace.generations[index], self.compute[index], self.config.framing,
-                                          tokens)
+            self._cut[key] = self._build(index, tokens)
         return self._cut[key]
 
     def _device(self, d: int, start: float, first: int):
@@ -169,18 +417,27 @@ class Simulation:
         index, left = first, self.config.tokens_per_device
         while left > 0:
             script = self._script(index, left)
-            yield from self._replay(d, script)
+            yield from self._replay(d, script, index)
             left -= script.tokens
             log.tokens += script.tokens
             index = (index + 1) % len(self.scripts)
         log.finish = env.now
 
-    def _replay(self, d: int, s: Script):
+    def _replay(self, d: int, s: Script | LoopScript, index: int):
         if s.mode == "local":
-            self.static_latency.append(s.skipped_latency)
-            yield self.env.timeout(s.tail_s)
+            head = self.heads[index]
+            if head is None:
+                self.static_latency.append(s.skipped_latency)
+                yield self.env.timeout(s.tail_s)
+            else:  # v2: the prefill (untimed) before the first token, which counts it
+                latency = s.skipped_latency.copy()
+                latency[0] += head
+                self.static_latency.append(latency)
+                yield self.env.timeout(head + s.tail_s)
         elif s.mode == "stream":
             yield from self._stream(d, s)
+        elif s.mode == "loop":
+            yield from self._loop(d, s)
         else:
             yield from self._hybrid(d, s)
 
@@ -243,7 +500,11 @@ class Simulation:
     def metrics(self, wall: float, events: int) -> dict:
         from simulate.metrics import summarize
 
-        return summarize(self, wall, events)
+        metrics = summarize(self, wall, events)
+        tokens = metrics["tokens"]
+        metrics["stale_verifies_per_token"] = self.stale_sent / tokens if tokens else None
+        metrics["rolled_back_per_token"] = self.rolled_back / tokens if tokens else None
+        return metrics
 
 
 def _events_scheduled(env: simpy.Environment) -> int:

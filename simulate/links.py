@@ -41,7 +41,7 @@ class PSLink:
         self.env, self.capacity = env, capacity
         self.v = 0.0  # virtual time: work each active message has received
         self.last = 0.0  # when ``v`` was last brought up to date
-        self.heap: list[tuple[float, int, float, simpy.Event]] = []  # (finish tag, seq, delay, event)
+        self.heap: list[tuple] = []  # (finish tag, seq, delay, event, on_leave)
         self.seq = 0
         self.wake_token = 0
         self.busy_s = 0.0  # time with at least one message in transfer
@@ -57,13 +57,13 @@ class PSLink:
             self.busy_s += now - self.last
         self.last = now
 
-    def send(self, work: float, nbytes: int, delay: float, device: int = 0) -> simpy.Event:
+    def send(self, work: float, nbytes: int, delay: float, device: int = 0, on_leave=None) -> simpy.Event:
         """Start a transfer of ``work`` units (``nbytes`` link bytes); the event fires ``delay`` after its
-        last bit has left (propagation)."""
+        last bit has left (propagation). ``on_leave()``, if given, is called when the last bit leaves."""
         self._advance()
         done = self.env.event()
         self.seq += 1
-        heapq.heappush(self.heap, (self.v + work, self.seq, delay, done))
+        heapq.heappush(self.heap, (self.v + work, self.seq, delay, done, on_leave))
         self.bytes += nbytes
         self.messages += 1
         self._schedule()
@@ -85,7 +85,9 @@ class PSLink:
             return  # superseded by a later arrival or departure
         self._advance()
         while self.heap and self._finished(self.heap[0][0]):
-            _, _, delay, done = heapq.heappop(self.heap)
+            _, _, delay, done, on_leave = heapq.heappop(self.heap)
+            if on_leave is not None:
+                on_leave()
             if delay > 0:
                 self.env.timeout(delay).callbacks.append(lambda _ev, d=done: d.succeed())
             else:
@@ -109,8 +111,8 @@ class TDMALinks:
         share = _ScaledCapacity(capacity, 1.0 / devices)
         self.links = [PSLink(env, share) for _ in range(devices)]
 
-    def send(self, work: float, nbytes: int, delay: float, device: int = 0) -> simpy.Event:
-        return self.links[device].send(work, nbytes, delay)
+    def send(self, work: float, nbytes: int, delay: float, device: int = 0, on_leave=None) -> simpy.Event:
+        return self.links[device].send(work, nbytes, delay, on_leave=on_leave)
 
     @property
     def busy_s(self) -> float:

@@ -5,6 +5,12 @@ here): ``hybrid`` generations (the edge loop with a verifier), ``local`` ones (S
 ones (the cloud-only Generate baseline), each optionally followed by a ``task`` line with the answer's
 correctness, so a run can report the trace's accuracy. Other line kinds are refused: a trace is a
 contract, not free text.
+
+Two generations of the hybrid format are read: traces of the protocol-v2 edge (``open_s`` on the open
+line; ``encode_s``/``blocked_s`` per token; a pipelined one, ``lookahead`` > 0, also has rolled-back drafts)
+and older stop-and-wait traces without those timers (``Generation.open_s`` is None), which the simulator
+replays exactly as before. Rolled-back drafts are grouped into the chains the rejections discarded
+(``Generation.chains``, see ``_assign_chains``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import numpy as np
 
 from proto.trace import (CLOSE_FIELDS, KINDS, MODES, OPEN_FIELDS, SENT_TOKEN_FIELDS, STREAM_TOKEN_FIELDS,
                          TOKEN_FIELDS)
+
+# gRPC bytes of a stale Verdict (seq, stale, epoch, server_seconds: tests check it against proto/hybrid.proto);
+# the trace does not record them, the simulator sends one per stale Verify.
+STALE_VERDICT_BYTES = 18
 
 
 class TraceError(ValueError):
@@ -39,22 +49,84 @@ class Generation:
     down_bytes: np.ndarray  # [T] Verdict / GenerateChunk wire bytes
     pending: np.ndarray  # [T] kept ids a Verify carried up
     server_s: np.ndarray  # [T] the verifier's own time for a Verify
-    wait_s: np.ndarray  # [T] measured Verify -> Verdict round trip
-    seconds: float  # measured wall time of the generation (without the Open handshake)
+    wait_s: np.ndarray  # [T] measured Verify -> Verdict round trip (send to the loop taking the verdict)
+    seconds: float  # measured wall time of the generation (v2 traces: from before the Open, with prefill)
     correct: bool | None = None
+    lookahead: int = 0  # tokens drafted past the oldest unresolved Verify (0 = stop-and-wait)
+    open_s: float | None = None  # connecting + sending Open (v2 traces; None: an older trace, blocking handshake)
+    encode_s: np.ndarray | None = None  # [T] encoding p~ + submitting the Verify (zeros when not recorded)
+    blocked_s: np.ndarray | None = None  # [T] the loop's own wait for this verdict (zeros when not recorded)
+    queue_s: np.ndarray | None = None  # [T] the verifier's wait for its model within server_s (zeros when not recorded)
+    accepted: np.ndarray | None = None  # [T] bool, False where a sent draft was rejected (True elsewhere)
+    rb_index: np.ndarray | None = None  # [R] index (position - prompt) of each rolled-back draft, trace order
+    rb_step_s: np.ndarray | None = None  # [R] its SLM compute
+    rb_encode_s: np.ndarray | None = None  # [R] its encode + submit time (> 0: its Verify went up, came back stale)
+    chains: dict | None = None  # rejected index -> [L] rolled-back rows (into rb_*) it discarded, in drafting order
+    stale_verifies: int = 0  # Verifies answered stale (all of them sent by rolled-back drafts)
+    stale_up_bytes: int = 0  # their uplink gRPC bytes
+
+    def __post_init__(self):
+        t = len(self.step_s)
+        if self.encode_s is None:
+            self.encode_s = np.zeros(t)
+        if self.blocked_s is None:
+            self.blocked_s = np.zeros(t)
+        if self.queue_s is None:
+            self.queue_s = np.zeros(t)
+        if self.accepted is None:
+            self.accepted = np.ones(t, dtype=bool)
+        if self.rb_index is None:
+            self.rb_index, self.rb_step_s, self.rb_encode_s = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+        if self.chains is None:
+            self.chains = {}
 
     @property
     def tokens(self) -> int:
         return len(self.step_s)
 
     @property
+    def rolled_back(self) -> int:
+        return len(self.rb_index)
+
+    @property
+    def rb_sent(self) -> np.ndarray:
+        """[R] bool: the rolled-back draft's Verify went up (the edge timed an encode + submit for it)."""
+        return self.rb_encode_s > 0
+
+    @property
+    def stale_verify_bytes(self) -> float:
+        """gRPC bytes of one stale Verify: the trace's mean, else its mean Verify (none went stale)."""
+        if self.stale_verifies:
+            return self.stale_up_bytes / self.stale_verifies
+        return float(self.up_bytes[self.sent].mean()) if self.sent.any() else 0.0
+
+    @property
     def untimed_s(self) -> float:
-        """Edge time the per-token fields miss: the generation's wall time minus its tokens' compute and
-        Verify waits. It is the loop's own work between those timers (encoding p~ into the Verify payload,
-        building the message, writing the trace line), measured by the trace itself."""
+        """Edge time the per-token timers miss: the generation's wall time minus everything they measured.
+
+        - older traces: wall time - per-token compute and Verify waits, i.e. the loop's own work between
+          those timers (encoding p~, building the message, writing the trace line);
+        - v2 traces: also minus ``open_s`` and ``encode_s``; what is left is the prompt's prefill beyond the
+          Open (they overlap), the thread hand-offs around them and closing the session: per-generation work
+          (measured on this loop: < 1 ms per generation between the per-token timers, 1-30 ms around them).
+          Stop-and-wait: minus the round trips (``wait_s``, the loop waits through each); pipelined: minus
+          the rolled-back drafts' compute and the loop's own waits (``blocked_s``; waits for a stale
+          verdict are not recorded and stay in here).
+        """
         if self.mode == "stream":
             return 0.0
-        return max(0.0, self.seconds - float(self.step_s.sum() + self.wait_s.sum()))
+        timed = float(self.step_s.sum() + self.encode_s.sum())
+        if self.open_s is None or self.lookahead == 0:
+            timed += float(self.wait_s.sum())
+        else:
+            timed += float(self.rb_step_s.sum() + self.rb_encode_s.sum() + self.blocked_s.sum())
+        return max(0.0, self.seconds - (self.open_s or 0.0) - timed)
+
+    @property
+    def head_s(self) -> float | None:
+        """v2 traces: the edge's time before its first draft as the simulator replays it, ``open_s`` plus the
+        untimed per-generation work (None for older traces, whose untimed work is spread over the tokens)."""
+        return None if self.open_s is None else self.open_s + self.untimed_s
 
     def prefilled(self) -> np.ndarray:
         """[T] tokens the verifier's forward pass covers per Verify: the prompt and the pending ids on the
@@ -94,7 +166,7 @@ class Trace:
 
     @property
     def grpc_up_bytes(self) -> int:
-        return sum(g.open_up + g.close_up + int(g.up_bytes.sum()) for g in self.generations)
+        return sum(g.open_up + g.close_up + int(g.up_bytes.sum()) + g.stale_up_bytes for g in self.generations)
 
 
 def _num(row: dict, key: str, where: str, minimum: float = 0.0) -> float:
@@ -132,13 +204,17 @@ class _Builder:
         if self.mode not in MODES:
             raise TraceError(f"{where}: field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(head, OPEN_FIELDS, where)
-        if head.get("lookahead", 0):  # the replay models one Verify at a time: it would misstate a pipelined run
-            raise TraceError(f"{where}: a pipelined generation (lookahead {head['lookahead']}); the simulator "
-                             "replays stop-and-wait traces only (record with lookahead 0)")
         self.prompt_tokens = _int(head, "prompt_tokens", where)
         self.open_up = _int(head, "uplink_bytes", where)
         self.open_down = _int(head, "downlink_bytes", where)
+        self.lookahead = _int(head, "lookahead", where) if "lookahead" in head else 0
+        self.open_s = _num(head, "open_s", where) if "open_s" in head and self.mode != "stream" else None
+        if self.lookahead and self.open_s is None and self.mode == "hybrid":
+            raise TraceError(f"{where}: field 'open_s' is missing (a pipelined generation's replay needs the v2 "
+                             "edge's timers)")
         self.rows: list[tuple] = []
+        self.extra: list[tuple] = []  # (encode_s, blocked_s, accepted) per token
+        self.rolled: list[tuple] = []  # (index, slm_step_s, encode_s, where) per rolled-back draft
 
     def token(self, row: dict, where: str) -> None:
         if self.mode == "stream":
@@ -156,6 +232,27 @@ class _Builder:
         up = _int(row, "bytes", where)
         if sent and up == 0:
             raise TraceError(f"{where}: field 'bytes' is 0 for a sent token")
+        encode = _num(row, "encode_s", where) if "encode_s" in row else 0.0
+        if row.get("rolled_back", False) is not False:
+            if row["rolled_back"] is not True:
+                raise TraceError(f"{where}: field 'rolled_back' must be true or false, got {row['rolled_back']!r}")
+            index = _int(row, "position", where) - self.prompt_tokens
+            if self.lookahead == 0:
+                raise TraceError(f"{where}: field 'rolled_back' is true in a stop-and-wait generation (lookahead 0)")
+            if index < 1:
+                raise TraceError(f"{where}: field 'position' of a rolled-back draft must be after the first draft")
+            # a rolled-back draft's Verify (if it sent one) came back stale: the edge records no verdict for it
+            self.rolled.append((index, _num(row, "slm_step_s", where), encode if not sent else max(encode, 1e-9),
+                                where))
+            return
+        accepted = row.get("accepted") if sent else True
+        if sent and not isinstance(accepted, bool):
+            raise TraceError(f"{where}: field 'accepted' must be true or false for a sent token, got {accepted!r}")
+        queue = _num(row, "queue_s", where) if sent and "queue_s" in row else 0.0
+        if sent and queue > row["server_s"]:
+            raise TraceError(f"{where}: field 'queue_s' ({queue}) is more than 'server_s' ({row['server_s']}), "
+                             "which includes it")
+        self.extra.append((encode, _num(row, "blocked_s", where) if "blocked_s" in row else 0.0, accepted, queue))
         self.rows.append((_num(row, "slm_step_s", where), sent, up, _int(row, "down_bytes", where) if sent else 0,
                           _int(row, "pending", where) if sent else 0, _num(row, "server_s", where) if sent else 0.0,
                           _num(row, "wait_s", where) if sent else 0.0))
@@ -167,14 +264,72 @@ class _Builder:
         if not self.rows:
             raise TraceError(f"{where}: a generation with no tokens")
         step, sent, up, down, pend, server, wait = (np.array(c) for c in zip(*self.rows))
+        rolled = _int(row, "rolled_back", where) if "rolled_back" in row else 0
+        if rolled != len(self.rolled):
+            raise TraceError(f"{where}: field 'rolled_back' says {rolled}, the generation has {len(self.rolled)} "
+                             "rolled-back token lines")
+        stale = _int(row, "stale_verifies", where) if "stale_verifies" in row else 0
+        stale_up = _int(row, "stale_uplink_bytes", where) if "stale_uplink_bytes" in row else 0
         total_up = _int(row, "uplink_bytes", where)
-        close_up = total_up - self.open_up - int(up.sum())
+        close_up = total_up - self.open_up - int(up.sum()) - stale_up
         if self.mode == "hybrid" and close_up < 0:
             raise TraceError(f"{where}: field 'uplink_bytes' ({total_up}) is less than Open + Verify bytes")
-        return Generation(self.mode, self.prompt_tokens, self.open_up, self.open_down,
-                          max(close_up, 0) if self.mode == "hybrid" else 0, step.astype(float), sent.astype(bool),
+        open_down = self.open_down
+        if self.mode == "hybrid" and self.open_s is not None and open_down == 0:
+            # the v2 edge does not wait for Opened, so the open line cannot carry its size: it is what the
+            # downlink total has beyond the Verdicts
+            total_down = _int(row, "downlink_bytes", where)
+            open_down = max(0, total_down - int(down.sum()) - stale * STALE_VERDICT_BYTES)
+        if self.extra:
+            encode, blocked, accepted, queue = (np.array(c) for c in zip(*self.extra))
+        else:  # stream: no edge timers
+            encode, blocked, queue = np.zeros(len(step)), np.zeros(len(step)), np.zeros(len(step))
+            accepted = np.ones(len(step), dtype=bool)
+        sent = sent.astype(bool)
+        accepted = accepted.astype(bool) | ~sent
+        rb = np.array([r[:3] for r in self.rolled], dtype=float).reshape(-1, 3)
+        chains = _assign_chains(np.flatnonzero(~accepted), rb[:, 0].astype(np.int64), self.lookahead,
+                                [r[3] for r in self.rolled])
+        return Generation(self.mode, self.prompt_tokens, self.open_up, open_down,
+                          max(close_up, 0) if self.mode == "hybrid" else 0, step.astype(float), sent,
                           up.astype(np.int64), down.astype(np.int64), pend.astype(np.int64), server.astype(float),
-                          wait.astype(float), _num(row, "seconds", where))
+                          wait.astype(float), _num(row, "seconds", where), lookahead=self.lookahead,
+                          open_s=self.open_s, encode_s=encode.astype(float), blocked_s=blocked.astype(float),
+                          queue_s=queue.astype(float),
+                          accepted=accepted, rb_index=rb[:, 0].astype(np.int64), rb_step_s=rb[:, 1].copy(),
+                          rb_encode_s=rb[:, 2].copy(), chains=chains, stale_verifies=stale, stale_up_bytes=stale_up)
+
+
+def _assign_chains(rejected: np.ndarray, rb_index: np.ndarray, lookahead: int, wheres: list[str]) -> dict:
+    """Which rejection discarded which rolled-back drafts: {rejected index: [rows of rb_*], in drafting order}.
+
+    A rejection at index r discards the drafts r+1, r+2, ... drafted before its verdict arrived (at most
+    ``lookahead``); the trace writes each draft at its position, several drafts at one position in the
+    order they were drafted. Chains of successive rejections can overlap, and position counts alone do
+    not say where each ends; the rule here: at a position with fewer drafts than open chains, the oldest
+    chains end (chains of similar length end in the order they started). It keeps the chains with the
+    most room under ``lookahead``, so any trace the loop can write is assigned; a draft no rejection can
+    explain is a TraceError."""
+    chains: dict[int, list[int]] = {int(r): [] for r in rejected}
+    if not len(rb_index):
+        return chains
+    rows_at: dict[int, list[int]] = {}
+    for row, index in enumerate(rb_index):
+        rows_at.setdefault(int(index), []).append(row)
+    starts = set(int(r) + 1 for r in rejected)
+    active: list[int] = []
+    for p in range(int(min(rb_index.min(), min(starts, default=rb_index.min()))), int(rb_index.max()) + 1):
+        if p in starts:
+            active.append(p - 1)
+        rows = rows_at.get(p, [])
+        if len(rows) > len(active):
+            raise TraceError(f"{wheres[rows[0]]}: a rolled-back draft at index {p} that no earlier rejected draft "
+                             "explains")
+        taking = active[len(active) - len(rows):] if rows else []
+        for r, row in zip(taking, rows):
+            chains[r].append(row)
+        active = [r for r in taking if len(chains[r]) < lookahead]
+    return chains
 
 
 def _parse_line(text: str, where: str) -> dict:

@@ -20,3 +20,6 @@ def test_demo_writes_all_configurations(tmp_path):
     by_name = {r["config"]: r for r in rows}
     assert by_name["slm-only"]["uplink_bytes_per_token"] == 0 and by_name["hlm"]["transmission_rate"] == 1
     assert by_name["hlm"]["uplink_bytes_per_token"] > 4 * 32000  # full32: 128 KB per token
+    # the pipelined row drafts ahead of its verdicts yet gives the default row's tokens, problem by problem
+    assert by_name["default-pipelined"]["lookahead"] > 0 == by_name["default"]["lookahead"]
+    assert by_name["default-pipelined"]["tokens_digest"] == by_name["default"]["tokens_digest"]

@@ -38,13 +38,39 @@ def test_recorded_traces_replay_for_every_policy(traces):
     assert results["llm-only"]["service_model"]["samples"] > 0
 
 
+def test_pipelined_trace_replays(traces):
+    """default-pipelined (lookahead 16): the same tokens as default, replayed by the edge loop's replay; at its
+    own recorded round trips the replay accounts for the generations' wall time."""
+    from simulate.engine import Simulation
+    from simulate.trace import load_trace
+
+    pipelined, default = load_trace(traces / "default-pipelined.jsonl"), load_trace(traces / "default.jsonl")
+    assert {g.lookahead for g in pipelined.generations} == {POLICIES["default-pipelined"].lookahead} != {0}
+    assert [g.tokens for g in pipelined.generations] == [g.tokens for g in default.generations]
+    assert pipelined.transmission_rate == default.transmission_rate  # the lookahead never changes the tokens
+    config = parse_config({"traces": {"p": str(traces / "default-pipelined.jsonl")}, "policy": "p",
+                           "tokens_per_device": pipelined.tokens})
+    recorded = Simulation(config, pipelined, recorded=True).run().metrics
+    seconds = sum(g.seconds for g in pipelined.generations)
+    assert recorded["makespan_s"] == pytest.approx(seconds, rel=0.1)
+    assert recorded["rolled_back_per_token"] == pytest.approx(
+        sum(g.rolled_back for g in pipelined.generations) / pipelined.tokens, abs=0.2)
+    far = run_one(parse_config({**{"traces_dir": str(traces)}, "policy": "default-pipelined",
+                                "tokens_per_device": pipelined.tokens, "network": {"rtt_s": 0.05}}))
+    near = run_one(parse_config({**{"traces_dir": str(traces)}, "policy": "default-pipelined",
+                                 "tokens_per_device": pipelined.tokens, "network": {"rtt_s": 0.0}}))
+    assert far["tokens"] == near["tokens"] == pipelined.tokens
+    assert far["makespan_s"] > near["makespan_s"]
+
+
 @pytest.mark.skipif(unavailable_reason() is not None, reason=f"netns validation: {unavailable_reason()}")
 def test_validation_point_agrees_with_real_link(tmp_path, slm_onnx):
-    """HLM over a 20 Mbit/s tbf-shaped veth with 20 ms RTT: simulator within 30% of the real run (the
-    full validation, ``make bench``, reports the measured error at three rates)."""
+    """HLM over a 20 Mbit/s tbf-shaped veth with 20 ms RTT, stop-and-wait and pipelined (lookahead 4: Verifies
+    queue on the uplink, rejections roll back, stale Verifies go up): simulator within 30% of the real run (the
+    full validation, ``make bench``, reports the measured errors)."""
     from simulate.testbed.validate import run_validation
 
-    report = run_validation([20e6], 0.02, "hlm", problems=1, out=tmp_path, model=slm_onnx)
-    point = report["points"][0]
-    assert point["measured"]["transmission_rate"] == 1.0
-    assert point["errors"]["tokens_per_s"] < 0.3 and point["errors"]["latency_p50_s"] < 0.3, point
+    report = run_validation([20e6], 0.02, "hlm", problems=1, out=tmp_path, model=slm_onnx, lookaheads=(0, 4))
+    for point in report["points"]:
+        assert point["measured"]["transmission_rate"] == 1.0
+        assert point["errors"]["tokens_per_s"] < 0.3 and point["errors"]["latency_p50_s"] < 0.3, point

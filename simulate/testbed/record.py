@@ -1,9 +1,12 @@
 """Record one real trace per policy from the demo pair: the simulator's inputs.
 
 The real ONNX edge (``edge/hybrid.py``) runs held-out demo problems against a real verifier subprocess on
-loopback, under the six configurations ``make demo`` compares (same code, same calibration rule):
-slm-only, llm-only, hlm, u-hlm, cu-hlm and default, plus the default estimator at extra thresholds
-(``default@U``) for threshold sweeps. Each generation is followed by a ``task`` line (exact answer).
+loopback, under every configuration of the policy table (``eval/policies.py``; same code, same calibration
+rule): slm-only, llm-only, hlm, u-hlm, cu-hlm, default and default-pipelined (the default policy drafting
+``lookahead`` tokens past the oldest unresolved Verify: a protocol-v2 pipelined trace, with its rolled-back
+drafts), plus the default estimator at extra thresholds (``default@U``) for threshold sweeps. Each
+generation is followed by a ``task`` line (exact answer). The testbed's edge (``edge_run.py --lookahead N``)
+records pipelined traces of any policy over a shaped link.
 
 Cloud-only (llm-only) is the verifier's own ``Generate`` stream; its trace times every chunk at the
 client (``chunk_s``: since the request for the first chunk, since the previous chunk after that), i.e.
