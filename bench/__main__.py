@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import decode_models, edge_decode, quality, report, sim, uncertainty_cost
+from bench import decode_models, edge_decode, edge_real, pipeline, quality, report, sim, uncertainty_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-quality", action="store_true",
                         help="skip the quality sweep (quality.tr_at_99 & co., ~10 min on 2 cores)")
     parser.add_argument("--skip-sim", action="store_true", help="skip the simulator section (sim.*)")
+    parser.add_argument("--skip-edge-real", action="store_true",
+                        help="skip the edge_real section (our edge vs onnxruntime-genai's own search on the "
+                             "Qwen2.5-0.5B shape and the 42M Llama, fp32/int8/int4; ~15 min cold, ~6 min warm)")
+    parser.add_argument("--skip-pipeline", action="store_true",
+                        help="skip the pipeline section (protocol v2 lookahead vs stop-and-wait on the netns "
+                             "testbed, ~6 min; skipped with the reason where namespaces cannot be made)")
     parser.add_argument("--skip-validation", action="store_true",
                         help="sim section without the netns validation (sim.validation_max_error)")
     return parser
@@ -54,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(section))
     print(uncertainty_cost.format_table(section["uncertainty_cost"]))
     print(f"\nwrote {args.out} (section 'edge')")
+    if not args.skip_edge_real:
+        section = edge_real.run(args.cache, args.slm, repeats=args.repeats, n_tokens=args.tokens,
+                                threads=args.threads, command=command)
+        report.merge_report(args.out, "edge_real", section)
+        print(edge_real.format_table(section))
+        print(f"wrote {args.out} (section 'edge_real')")
     if not args.skip_quality:
         from eval.pair import ensure_export
 
@@ -67,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         report.merge_report(args.out, "sim", section)
         print(sim.format_table(section))
         print(f"wrote {args.out} (section 'sim')")
+    if not args.skip_pipeline:
+        section = pipeline.run(command=command)
+        report.merge_report(args.out, "pipeline", section)
+        print(pipeline.format_table(section))
+        print(f"wrote {args.out} (section 'pipeline')")
     return 0
 
 

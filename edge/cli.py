@@ -147,14 +147,14 @@ def _generate(args) -> int:
     from core.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    model = EdgeModel(args.model, providers=args.provider, threads=args.threads)
+    model = EdgeModel(args.model, providers=args.provider, threads=args.threads, backend=args.backend)
     prompt = _prompt(args, model)
     _check_prompt_fits(model, prompt[1])
     try:
         summary = (_hybrid if args.verifier else _local)(args, model, settings, prompt)
     except VerifierError as exc:
         raise UserError(str(exc)) from None
-    summary.update(providers=model.runtime.providers)
+    summary.update(providers=model.runtime.providers, backend=model.backend)
     print(json.dumps(summary) if args.json else "  ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["stopped"] == "context_limit":  # the text above is kept; say why it is shorter than asked
         raise UserError(f"stopped after {summary['tokens']:,} of --max-new-tokens {args.max_new_tokens:,}: the "
@@ -180,6 +180,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "genai"],
+                   help="edge runtime: ort (optimum exports), genai (onnxruntime-genai, for --builder genai "
+                        "exports); auto = the one the export's manifest names")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     h = p.add_argument_group("hybrid (with a verifier)")
     h.add_argument("--verifier", type=addresses,

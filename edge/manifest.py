@@ -16,6 +16,8 @@ from proto.fingerprint import id_space
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2  # 2: id_space and logit_width replace vocab_size
+RUNTIMES = ("ort", "genai")  # the edge runtimes a manifest can name
+GENAI_CONFIG = "genai_config.json"  # what onnxruntime-genai loads a folder by (written by its model builder)
 
 
 class ModelFolderError(ValueError):
@@ -34,18 +36,22 @@ class Manifest:
     eos_token_ids: list[int]
     inputs: list[str]
     outputs: list[str]
-    dtype: str  # fp32 | fp16 | int8
+    dtype: str  # fp32 | fp16 | int8 | int4 (int4: genai exports only)
     opset: int
     parity: dict = field(default_factory=dict)  # max abs logit diff vs PyTorch, tolerance, prompts
     format: int = FORMAT_VERSION
     # Files the graph needs beside it (external-data weights, e.g. model.onnx_data); copy them with it.
     external_data: list[str] = field(default_factory=list)
     max_positions: int | None = None  # the model's context limit (prompt + generated); None = not stated
+    # Which edge runtime runs the folder: "ort" (optimum's graph, edge/runtime.py) or "genai" (onnxruntime-genai's
+    # model builder, edge/genai_runtime.py). Manifests written before genai exports existed are "ort".
+    runtime: str = "ort"
 
     @property
     def required_files(self) -> list[str]:
         """Every file of the folder the edge loads: graph, its external data, tokenizer, this manifest."""
-        return [self.model_file, *self.external_data, "tokenizer.json", MANIFEST_NAME]
+        runtime_config = [GENAI_CONFIG] if self.runtime == "genai" else []  # onnxruntime-genai reads it
+        return [self.model_file, *self.external_data, *runtime_config, "tokenizer.json", MANIFEST_NAME]
 
     @property
     def fingerprint(self) -> dict:
@@ -94,6 +100,8 @@ def _check_fields(manifest: Manifest, path: Path) -> None:
     if not isinstance(files, list) or not all(isinstance(f, str) and f and Path(f).name == f for f in files):
         raise ModelFolderError(f"{path}: external_data must be a list of file names in the folder, got "
                                f"{str(files)[:200]}")
+    if manifest.runtime not in RUNTIMES:
+        raise ModelFolderError(f"{path}: runtime must be one of {', '.join(RUNTIMES)}, got {str(manifest.runtime)[:50]}")
     limit = manifest.max_positions
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ModelFolderError(f"{path}: max_positions must be a positive integer or null, got {str(limit)[:50]}")

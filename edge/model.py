@@ -1,4 +1,5 @@
-"""An exported edge model folder, loaded: manifest, tokenizer (the `tokenizers` library) and ORT runtime."""
+"""An exported edge model folder, loaded: manifest, tokenizer (the `tokenizers` library) and its runtime: ONNX
+Runtime for optimum exports (edge/runtime.py), onnxruntime-genai for genai exports (edge/genai_runtime.py)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,24 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge.manifest import load_manifest
+from edge.manifest import GENAI_CONFIG, Manifest, ModelFolderError, load_manifest
 from edge.runtime import OnnxCausalLM
+
+BACKENDS = ("auto", "ort", "genai")  # auto = the runtime the manifest names
 
 
 class EdgeModel:
     """What the edge needs of a model: encode/decode text, run the decoder (logits over the id space N), know
     its EOS ids."""
 
-    def __init__(self, folder: str | Path, providers: str | list[str] | None = "auto", threads: int = 0):
+    def __init__(self, folder: str | Path, providers: str | list[str] | None = "auto", threads: int = 0,
+                 backend: str = "auto"):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         # Logits come back sliced to the tokenizer's id space: padding rows are never seen past the runtime.
-        self.runtime = OnnxCausalLM(self.folder / self.manifest.model_file, providers=providers, threads=threads,
-                                    id_space=self.manifest.id_space, max_positions=self.manifest.max_positions)
+        self.backend = resolve_backend(self.manifest, backend)  # "ort" | "genai": what runs the decoder
+        self.runtime = open_runtime(self.folder, self.manifest, self.backend, providers, threads)
         self.eos_ids = frozenset(self.manifest.eos_token_ids)
         self.max_positions = self.manifest.max_positions
 
@@ -36,3 +40,28 @@ class EdgeModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def resolve_backend(manifest: Manifest, backend: str = "auto") -> str:
+    """``ort`` or ``genai``: the one asked for, or (auto) the runtime the manifest names."""
+    if backend not in BACKENDS:
+        raise ModelFolderError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return manifest.runtime if backend == "auto" else backend
+
+
+def open_runtime(folder: Path, manifest: Manifest, backend: str, providers: str | list[str] | None = "auto",
+                 threads: int = 0):
+    """The decoder for ``folder`` on ``backend`` (ort | genai). Both runtimes have one interface: prefill,
+    decode, forward, truncate, reset, cache.length, providers, id_space, logit_width."""
+    kwargs = dict(providers=providers, threads=threads, id_space=manifest.id_space,
+                  max_positions=manifest.max_positions)
+    if backend == "genai":
+        from edge.genai_runtime import GenaiCausalLM, is_genai_folder
+
+        if not is_genai_folder(folder):
+            raise ModelFolderError(f"{folder} is not an onnxruntime-genai export (no {GENAI_CONFIG}); use "
+                                   "--backend ort, or export with: python -m models export --builder genai ...")
+        return GenaiCausalLM(folder, **kwargs)
+    if manifest.runtime == "genai":  # its graph keeps the KV cache in one shared buffer that only genai drives
+        raise ModelFolderError(f"{folder} is an onnxruntime-genai export: run it with --backend genai (or auto)")
+    return OnnxCausalLM(folder / manifest.model_file, **kwargs)
