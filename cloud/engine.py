@@ -47,7 +47,7 @@ class SessionState:
     report_target_prob: bool = False  # Verdicts carry q(draft) (calibration runs ask for it)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VerifyOutcome:
     accepted: bool  # every draft of the block
     token: int  # the resampled token at the first rejection, or the last draft when all were accepted
@@ -116,8 +116,7 @@ class VerifierModel:
         drafts = [token for token, _ in block]
         logits, queued = self._logits_last(state.cache, state.context[state.cached:] + drafts[:-1], rows=len(block))
         start = len(state.context)  # the first drafted position
-        outcome = VerifyOutcome(accepted=True, token=drafts[-1], target_probs=[], accepted_count=0,
-                                queue_seconds=queued)
+        target_probs, accepted_count, final = [], 0, drafts[-1]
         for j, (draft, p_tilde) in enumerate(block):
             q = probabilities(logits[j], state.settings)  # [N], the edge's own rule
             # The randomness of a position depends only on (seed, position), never on the session's history of
@@ -125,13 +124,14 @@ class VerifierModel:
             # or sends its drafts one by one instead of as a block, gets the same verdicts.
             rng = np.random.default_rng([state.seed, start + j])
             accepted, token = verify_draft(draft, p_tilde.dense(self.id_space), q, rng, state.settings.greedy)
-            outcome.target_probs.append(float(q[draft]))
+            target_probs.append(float(q[draft]))
             state.context.append(token)  # agreed; fed with the next Verify's tail
             if not accepted:
-                outcome = VerifyOutcome(False, token, outcome.target_probs, j, queued)
+                final = token
                 state.epoch += 1
                 break
-            outcome.accepted_count = j + 1
+            accepted_count += 1
+        outcome = VerifyOutcome(accepted_count == len(block), final, target_probs, accepted_count, queued)
         state.cached = len(state.context) - 1  # the cache holds every agreed token but the last
         if state.cache.get_seq_length() > state.cached:  # drafts past a rejection were cached by the forward
             _drop_uncommitted(state)

@@ -151,15 +151,16 @@ class VerifierServicer:
             raise SessionAbort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; reopen the session on "
                                "another replica (the edge replays its history)", "shutdown")
 
-    def _at_capacity(self) -> SessionAbort:
-        return SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier is at its limit of "
-                            f"{self.limits.max_sessions} concurrent sessions; retry later or use another replica",
-                            "capacity")
+    def _check_capacity(self) -> None:
+        """RESOURCE_EXHAUSTED when sessions and Generate calls fill max_sessions; call with the lock held."""
+        if len(self._sessions) + self._generates >= self.limits.max_sessions:
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier is at its limit of "
+                               f"{self.limits.max_sessions} concurrent sessions; retry later or use another "
+                               "replica", "capacity")
 
     def _admit(self, state: SessionState) -> None:
         with self._lock:
-            if len(self._sessions) + self._generates >= self.limits.max_sessions:
-                raise self._at_capacity()
+            self._check_capacity()
             self._sessions[state.session_id] = state
             count = len(self._sessions)
         self.metrics.sessions.set(count)
@@ -185,8 +186,7 @@ class VerifierServicer:
     def _generating(self):
         """Count a Generate call against max_sessions while it runs."""
         with self._lock:
-            if len(self._sessions) + self._generates >= self.limits.max_sessions:
-                raise self._at_capacity()
+            self._check_capacity()
             self._generates += 1
         try:
             yield

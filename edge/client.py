@@ -207,12 +207,12 @@ class VerifierSession:
         """The Verdict of the oldest Verify in flight; None when ``wait`` is False and it has not arrived."""
         if not self._in_flight:
             raise VerifierError("next_verdict with no Verify in flight (client bug)")
-        for _ in range(2):  # Opened comes first on every session: take it (and check it) on the way
+        if self._opened is None:  # Opened comes first on every session: take it (and check it) on the way
             if not wait and self._responses.empty():
                 return None
-            if self._opened is not None:
-                break
             _ = self.opened
+        if not wait and self._responses.empty():
+            return None
         message = self._receive("verdict")
         sent = self._in_flight.popleft()
         verdict = message.verdict

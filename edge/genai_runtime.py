@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.manifest import GENAI_CONFIG
-from edge.runtime import check_context
+from edge.runtime import DecoderSteps, check_context
 from proto.fingerprint import check_logit_width
 
 # onnxruntime-genai device names -> the ORT execution providers that run the model's nodes on them; CPU is
@@ -115,7 +115,7 @@ class SequenceState:
     length: int = 0
 
 
-class GenaiCausalLM:
+class GenaiCausalLM(DecoderSteps):
     """One sequence's decoder on onnxruntime-genai: prefill, decode one token, truncate.
 
     ``id_space``: the tokenizer's N; logits are returned as [.., N] (None keeps every row).
@@ -181,15 +181,6 @@ class GenaiCausalLM:
         if n_new == 1:
             return self.generator.get_logits()[0]  # [1, width]
         return self.generator.get_output("logits")[0]  # [n_new, width]
-
-    def prefill(self, token_ids: list[int]) -> np.ndarray:
-        """Start a new sequence from ``token_ids``; returns the logits [N] of the last position."""
-        self.reset()
-        return self.forward(token_ids)[-1]
-
-    def decode(self, token_id: int) -> np.ndarray:
-        """Feed one token; returns the logits [N] of the next position."""
-        return self.forward([token_id])[-1]
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` positions (rollback after a rejected draft). No logits are read

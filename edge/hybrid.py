@@ -171,7 +171,6 @@ class _InFlight:
     index: int  # in the loop's token list
     epoch: int
     pending: int
-    bytes: int
     dead: bool = False  # a rejection before it ended its epoch: its verdict will be stale
 
 
@@ -233,10 +232,10 @@ class _Loop:
         t0 = time.perf_counter()
         payload = encode(draft.p_tilde, self.config.codec, self.n)
         index = len(self.tokens) - 1
-        flight = _InFlight(index, self.epoch, len(self.pending), 0)
-        self.in_flight.append(flight)  # before submitting: if that fails, this draft is not committed
-        flight.bytes = self.verifier.submit(list(self.pending), self.position(index - len(self.pending)), self.epoch,
-                                            [(draft.token, payload)])
+        # In flight before submitting: if that fails, this draft is not committed.
+        self.in_flight.append(_InFlight(index, self.epoch, len(self.pending)))
+        self.verifier.submit(list(self.pending), self.position(index - len(self.pending)), self.epoch,
+                             [(draft.token, payload)])
         record.encode_s = time.perf_counter() - t0
         self.pending = []
 

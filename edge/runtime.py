@@ -67,7 +67,21 @@ class KVCache:
     length: int = 0
 
 
-class OnnxCausalLM:
+class DecoderSteps:
+    """``prefill`` and ``decode`` in terms of a runtime's ``reset`` and ``forward`` (ids -> logits [n_new, N]):
+    the same two steps for every edge backend."""
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        """Start a new sequence from ``token_ids``; returns the logits [N] of the last position."""
+        self.reset()
+        return self.forward(token_ids)[-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token; returns the logits [N] of the next position."""
+        return self.forward([token_id])[-1]
+
+
+class OnnxCausalLM(DecoderSteps):
     """One sequence's decoder: prefill, decode one token, truncate the cache.
 
     ``id_space``: the tokenizer's N; logits are returned as [.., N]. None keeps every logit row (the export's
@@ -151,15 +165,6 @@ class OnnxCausalLM:
         outputs = binding.get_outputs()
         self.cache = KVCache(dict(zip(self._past, outputs[1:])), self.cache.length + n_new)
         return outputs[0].numpy()[0]
-
-    def prefill(self, token_ids: list[int]) -> np.ndarray:
-        """Start a new sequence from ``token_ids``; returns the logits [N] of the last position."""
-        self.reset()
-        return self.forward(token_ids)[-1]
-
-    def decode(self, token_id: int) -> np.ndarray:
-        """Feed one token; returns the logits [N] of the next position."""
-        return self.forward([token_id])[-1]
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` cached positions (rollback after a rejected draft)."""
