@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.cli import OneLineParser, UserError, non_negative_float, port, positive_int, positive_seconds, run_cli
+from core.cli import (OneLineParser, UserError, non_negative_float, non_negative_int, port, positive_int, positive_seconds,
+                      run_cli)
 from core.process import METRICS_READY
 
 
@@ -50,7 +51,8 @@ def _serve(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
-        engine = VerifierModel(args.model, device=args.device, threads=args.threads)
+        engine = VerifierModel(args.model, device=args.device, threads=args.threads, batching=args.batching == "on",
+                               max_batch_tokens=args.max_batch_tokens, kv_budget_mb=args.kv_budget_mb)
     except ValueError as exc:  # e.g. a model with fewer logit rows than its tokenizer's id space
         raise UserError(str(exc)) from None
     metrics = VerifierMetrics()
@@ -88,7 +90,18 @@ def build_parser() -> OneLineParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=port, default=50051, help="0 = pick a free port (printed on start)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="torch intra-op threads (default 0 = the cores this process may use: its CPU affinity, "
+                        "capped by a cgroup quota; torch's own default counts every core of the host)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--batching", choices=("on", "off"), default="on",
+                        help="on: Verifies and Generate steps of all sessions that are ready together share one "
+                             "forward (continuous batching); off: one forward per session, one at a time")
+    engine.add_argument("--max-batch-tokens", type=positive_int, default=4096,
+                        help="largest batched forward, in padded tokens (rows x longest new tail; default 4096)")
+    engine.add_argument("--kv-budget-mb", type=non_negative_float, default=0.0,
+                        help="memory for all sessions' KV caches; past it the least recently used idle caches are "
+                             "dropped and rebuilt by prefill when their session resumes (default 0 = no budget)")
     p.add_argument("--verbose", action="store_true", help="log every session event (JSON lines on stderr)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-sessions", type=positive_int, default=64,

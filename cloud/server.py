@@ -198,6 +198,8 @@ class VerifierServicer:
         with self._lock:
             released = self._sessions.pop(state.session_id, None) is not None
             count = len(self._sessions)
+        if released:
+            self.engine.close(state)
         self.metrics.sessions.set(count)
         if released and count == 0:
             _return_free_memory()

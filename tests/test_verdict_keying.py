@@ -129,4 +129,4 @@ def test_a_block_gives_the_verdicts_of_its_positions_sent_one_by_one(engine, pro
             assert state.epoch == 1 + sum(not a for a, _ in verdicts[:k + outcome.accepted_count])
         assert state.context == prompt + [t for _, t in verdicts[:k + decided]]
         k += decided
-    assert state.cache.get_seq_length() == len(state.context) - 1
+    assert state.cache.length == len(state.context) - 1
