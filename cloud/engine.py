@@ -108,6 +108,11 @@ class VerifierModel:
         seed = secrets.randbits(63) if seed is None else seed
         return SessionState(settings, codec, seed, list(prompt_ids), self._new_cache(), epoch=epoch)
 
+    def prefill(self, state: SessionState) -> None:
+        """Cache the session's context but its last id now, instead of at its first Verify."""
+        if state.cache.length < len(state.context) - 1:
+            self._worker.logits(state.cache, state.context[:-1], rows=1)
+
     def close(self, state: SessionState) -> None:
         """Free the session's cache (its ids go with the state)."""
         self.budget.unregister(state.cache)

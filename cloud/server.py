@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cloud.auth import TokenAuthInterceptor, TokenStore
 from cloud.engine import SessionState, VerifierModel
-from cloud.metrics import VerifierMetrics
+from cloud.metrics import EngineCollector, VerifierMetrics
 from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_fingerprint, check_ids,
                             check_prompt, check_protocol, check_sampling, check_verify)
 from core.process import VERIFIER_READY
@@ -395,6 +395,7 @@ def build_server(engine: VerifierModel, address: str, limits: ServerLimits = Ser
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
                          interceptors=interceptors, maximum_concurrent_rpcs=max_calls)
     servicer = VerifierServicer(engine, limits, metrics)
+    metrics.registry.register(EngineCollector(engine))
     server.add_generic_rpc_handlers((_verifier_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

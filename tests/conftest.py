@@ -22,6 +22,7 @@ DEMO_PAIR = ROOT / "models" / "demo_pair"
 
 # Modules whose tests all share a started verifier, an exported model or a real LLM.
 INTEGRATION_MODULES = {
+    "test_batching",  # the real engine on the demo LLM, in-process, many sessions
     "test_bench_smoke",  # builds and exports a model
     "test_demo_pair",
     "test_demo_smoke",

@@ -1,5 +1,6 @@
-"""Load: 32 concurrent sessions × 200 verified tokens against one verifier. All finish, every verdict is
-well-formed, and afterwards the verifier holds no session and its memory is back near the baseline."""
+"""Load: 32 concurrent sessions × 200 verified tokens against one (batched) verifier. All finish, every verdict
+is well-formed, their forwards were batched, and afterwards the verifier holds no session and no KV cache and
+its memory is back near the baseline."""
 
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def test_32_concurrent_sessions_of_200_tokens(slm_onnx):
             time.sleep(0.1)
         assert metric(url, "verifier_sessions") == 0
         assert metric(url, "verifier_verifies_total") == (SESSIONS + 2) * TOKENS
+        # The batched engine ran: more session forwards than model forwards, and no cache outlives its session.
+        assert metric(url, "verifier_forward_rows_total") > metric(url, "verifier_forwards_total")
+        assert metric(url, "verifier_kv_bytes") == 0
         after = rss_mb(verifier.proc.pid)
     print(f"\nload: {SESSIONS} sessions x {TOKENS} tokens in {seconds:.1f} s "
           f"({SESSIONS * TOKENS / seconds:.0f} verifies/s); verifier RSS {baseline:.0f} MB -> {after:.0f} MB")
