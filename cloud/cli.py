@@ -91,8 +91,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--port", type=port, default=50051, help="0 = pick a free port (printed on start)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="torch intra-op threads (default 0 = the cores this process may use: its CPU affinity, "
-                        "capped by a cgroup quota; torch's own default counts every core of the host)")
+                   help="torch intra-op threads (default 0 = the cores this process may use, i.e. its CPU affinity "
+                        "capped by a cgroup quota, minus one for gRPC and sampling; torch's own default counts "
+                        "every core of the host and oversubscribes a shared one)")
     engine = p.add_argument_group("engine")
     engine.add_argument("--batching", choices=("on", "off"), default="on",
                         help="on: Verifies and Generate steps of all sessions that are ready together share one "

@@ -28,7 +28,7 @@ from cloud.attention import attn_implementation
 from cloud.batching import BatchingWorker, BatchStats
 from cloud.kvstore import HFSessionKV, KVBudget, SessionKV
 from cloud.rejection import verify_draft
-from core.cpus import usable_cpus
+from core.cpus import model_threads
 from core.sampling import SamplingSettings, next_token, probabilities
 from proto.distribution import Compressed, CodecSpec
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
@@ -62,14 +62,14 @@ class VerifyOutcome:
 class VerifierModel:
     """The large model and the operations sessions need: open, verify, generate, close.
 
-    ``threads``: torch intra-op threads, 0 = the cores this process may use (``core.cpus``; torch's own
-    default counts every core of the host and oversubscribes a shared one). ``batching=False`` runs every
+    ``threads``: torch intra-op threads, 0 = the cores this process may use but one (``core.cpus``; torch's
+    own default counts every core of the host and oversubscribes a shared one). ``batching=False`` runs every
     forward alone (the one-at-a-time engine, kept as the baseline). ``kv_budget_mb``: 0 = no budget.
     """
 
     def __init__(self, source: str, device: str = "cpu", threads: int = 0, batching: bool = True,
                  max_batch_tokens: int = 4096, kv_budget_mb: float = 0.0):
-        self.threads = threads or usable_cpus()
+        self.threads = threads or model_threads()
         torch.set_num_threads(self.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         config = AutoConfig.from_pretrained(source)

@@ -16,7 +16,7 @@ import torch
 from scipy.stats import chisquare
 
 from cloud.engine import SessionState, VerifierModel
-from core.cpus import usable_cpus
+from core.cpus import model_threads, usable_cpus
 from core.sampling import SamplingSettings, probabilities
 from proto.distribution import CodecSpec, Compressed
 from tests.conftest import DEMO_PAIR
@@ -158,7 +158,7 @@ def test_a_kv_budget_for_4_sessions_serves_16_with_the_same_tokens():
     assert contexts[True] == contexts[False]
 
 
-def test_the_thread_default_is_the_usable_cores(tmp_path: Path):
+def test_the_thread_default_is_the_usable_cores_but_one(tmp_path: Path):
     quota = tmp_path / "cpu.max"
     quota.write_text("100000 100000\n")
     assert usable_cpus(quota) == 1
@@ -166,8 +166,10 @@ def test_the_thread_default_is_the_usable_cores(tmp_path: Path):
     assert usable_cpus(quota) == usable_cpus(tmp_path / "absent") >= 1
     quota.write_text("250000 100000\n")
     assert usable_cpus(quota) == min(3, usable_cpus(tmp_path / "absent"))
+    quota.write_text("200000 100000\n")
+    assert model_threads(quota) == max(1, min(2, usable_cpus(tmp_path / "absent")) - 1)
     engine = VerifierModel(str(DEMO_PAIR / "llm"))
-    assert engine.threads == usable_cpus() == torch.get_num_threads()
+    assert engine.threads == model_threads() == torch.get_num_threads()
     torch.set_num_threads(1)
 
 
