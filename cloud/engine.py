@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ from cloud.attention import attn_implementation
 from cloud.batching import BatchingWorker, BatchStats
 from cloud.kvstore import HFSessionKV, KVBudget, SessionKV
 from cloud.rejection import verify_draft
+from cloud.validate import Span, Step
 from core.cpus import model_threads
-from core.sampling import SamplingSettings, next_token, probabilities
+from core.sampling import SamplingSettings, next_token, probabilities, softmax
 from proto.distribution import Compressed, CodecSpec
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
@@ -57,6 +58,9 @@ class VerifyOutcome:
     target_probs: list[float]  # q(draft) per decided position: what calibration needs for beta
     accepted_count: int  # the longest accepted prefix of the block
     queue_seconds: float = 0.0  # waiting for the model worker (behind other sessions' forwards)
+    span_ids: tuple[int, ...] = ()  # the LLM's own tokens: a requested span, or a judged step regenerated
+    step_accepted: bool = False
+    step_score: float = 0.0
 
 
 class VerifierModel:
@@ -117,15 +121,20 @@ class VerifierModel:
         """Free the session's cache (its ids go with the state)."""
         self.budget.unregister(state.cache)
 
-    def verify(self, state: SessionState, pending: list[int], block: list[tuple[int, Compressed]]) -> VerifyOutcome:
+    def verify(self, state: SessionState, pending: list[int], block: list[tuple[int, Compressed]],
+               span: Span | None = None) -> VerifyOutcome:
         """Append ``pending``, then decide the block's drafted positions in order (multi-token speculative
-        sampling): accept the longest prefix, resample at the first rejection, exactly.
+        sampling): accept the longest prefix, resample at the first rejection, exactly; then, with ``span``,
+        continue with the LLM's own tokens (an empty block: right after ``pending``).
 
         One forward covers the uncached tail, the pending ids and every draft but the last: its last
         ``len(block)`` rows are q at the block's positions. After a rejection at block index j the drafts
         past j never happened: the cache is cropped back to the agreed context and the epoch ends.
         """
         state.context.extend(pending)
+        if not block:  # a bare span request
+            state.verifies += 1
+            return self._with_span(state, VerifyOutcome(True, 0, [], 0), span)
         drafts = [token for token, _ in block]
         logits, queued = self._worker.logits(state.cache, state.context + drafts[:-1], rows=len(block))
         start = len(state.context)  # the first drafted position
@@ -145,11 +154,64 @@ class VerifierModel:
                 state.epoch += 1
                 break
             accepted_count += 1
-        with self.budget.lock:  # drafts past a rejection were cached by the forward; the last agreed id is fed next
-            state.cache.crop(len(state.context) - 1)
+        self._crop(state)
         state.verifies += 1
         state.accepted += accepted_count
-        return VerifyOutcome(accepted_count == len(block), final, target_probs, accepted_count, queued)
+        return self._with_span(state, VerifyOutcome(accepted_count == len(block), final, target_probs,
+                                                    accepted_count, queued), span)
+
+    def _crop(self, state: SessionState) -> None:
+        """Drafts past a rejection (or a judged step's ids) were cached by the forward; the last agreed id is
+        fed with the next forward."""
+        with self.budget.lock:
+            state.cache.crop(len(state.context) - 1)
+
+    def _with_span(self, state: SessionState, outcome: VerifyOutcome, span: Span | None) -> VerifyOutcome:
+        if span is None:
+            return outcome
+        tokens = self._continue(state, span)
+        if tokens:
+            state.epoch += 1  # the edge did not draft these: whatever it drafted past this point is stale
+        return replace(outcome, span_ids=tuple(tokens))
+
+    def _continue(self, state: SessionState, span: Span) -> list[int]:
+        """The LLM's own tokens after the agreed context, one forward each (batched with other sessions), until
+        a stop id, ``span.max_tokens`` or the context limit; each draw keyed by (seed, position) like a verdict,
+        so a replayed span is the same span."""
+        tokens = []
+        while len(tokens) < span.max_tokens and len(state.context) < self.max_context:
+            logits, _ = self._worker.logits(state.cache, state.context, rows=1)
+            rng = np.random.default_rng([state.seed, len(state.context)])
+            token = next_token(logits[-1], state.settings, rng)
+            state.context.append(token)
+            tokens.append(token)
+            if token in span.stop_ids:
+                break
+        return tokens
+
+    def judge(self, state: SessionState, pending: list[int], step: Step) -> VerifyOutcome:
+        """Score a drafted step (ids only) with the LLM in one forward and accept it whole, or discard it and
+        regenerate it as a span (step judging; INEXACT by design: a step the score accepts is kept whatever
+        the LLM would have sampled). Score: min or mean over the step of q(x_t) / max q at t, q the LLM's
+        softmax at temperature 1 (the session's own sampling settings do not enter the score)."""
+        state.context.extend(pending)
+        logits, queued = self._worker.logits(state.cache, state.context + step.ids[:-1], rows=len(step.ids))
+        ratios = []
+        for row, token in zip(logits, step.ids):
+            q = softmax(row)
+            ratios.append(float(q[token] / q.max()))
+        score = min(ratios) if step.score == "min" else float(np.mean(ratios))
+        state.verifies += 1
+        if score >= step.threshold:
+            state.context.extend(step.ids)
+            self._crop(state)
+            state.accepted += len(step.ids)
+            return VerifyOutcome(True, step.ids[-1], [], len(step.ids), queued, step_accepted=True,
+                                 step_score=score)
+        self._crop(state)  # the step's ids were cached by the forward: they never happened
+        state.epoch += 1  # the edge's step is discarded: whatever it drafted past it is stale
+        return VerifyOutcome(False, 0, [], 0, queued, tuple(self._continue(state, step.regenerate)),
+                             step_accepted=False, step_score=score)
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings, seed: int | None,
                  max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:

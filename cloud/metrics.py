@@ -31,6 +31,9 @@ class VerifierMetrics:
         self.evictions = Counter("verifier_evictions", "sessions ended by the verifier", ["reason"], registry=r)
         self.rejected = Counter("verifier_rejected_messages", "calls refused, by reason", ["reason"], registry=r)
         self.generates = Counter("verifier_generates", "Generate (LLM-only) calls served", registry=r)
+        self.span_tokens = Counter("verifier_span_tokens", "tokens the LLM generated in spans and regenerated steps",
+                                   registry=r)
+        self.steps = Counter("verifier_judged_steps", "drafted steps judged, by outcome", ["outcome"], registry=r)
 
 
 class EngineCollector:

@@ -257,16 +257,22 @@ class VerifierServicer:
             self.metrics.stale.inc()
             return pb.Verdict(seq=v.seq, stale=True, epoch=state.epoch,
                               server_seconds=time.perf_counter() - t_received)
-        outcome = self.engine.verify(state, checked.pending, checked.block)
+        if checked.step is not None:
+            outcome = self.engine.judge(state, checked.pending, checked.step)
+            self.metrics.steps.labels("accepted" if outcome.step_accepted else "regenerated").inc()
+        else:
+            outcome = self.engine.verify(state, checked.pending, checked.block, checked.span)
+            self.metrics.accepted.inc(outcome.accepted_count)
+            self.metrics.drafts.inc(len(checked.block))
         seconds = time.perf_counter() - t_received
         self.metrics.verifies.inc()
-        self.metrics.accepted.inc(outcome.accepted_count)
-        self.metrics.drafts.inc(len(checked.block))
+        self.metrics.span_tokens.inc(len(outcome.span_ids))
         self.metrics.verify_seconds.observe(seconds)
         return pb.Verdict(seq=v.seq, accepted=outcome.accepted, token_id=outcome.token,
                           accepted_count=outcome.accepted_count, epoch=state.epoch,
                           target_probs=outcome.target_probs if state.report_target_prob else [],
-                          server_seconds=seconds, queue_seconds=outcome.queue_seconds)
+                          server_seconds=seconds, queue_seconds=outcome.queue_seconds, span_ids=outcome.span_ids,
+                          step_accepted=outcome.step_accepted, step_score=outcome.step_score)
 
     def _after_close(self, inbox: Inbox) -> None:
         """After Close the client may only half-close; anything else it sends is an order error."""

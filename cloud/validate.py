@@ -130,11 +130,35 @@ def check_protocol(op: pb.Open) -> None:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A checked span request: the LLM continues until one of ``stop_ids`` or ``max_tokens`` tokens."""
+
+    stop_ids: frozenset[int]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """A checked step to judge: its ids, the score rule, the acceptance threshold, how far to regenerate."""
+
+    ids: list[int]
+    score: str
+    threshold: float
+    regenerate: Span
+
+
+STEP_SCORES = ("min", "mean")
+
+
+@dataclass(frozen=True)
 class CheckedVerify:
-    """A well-formed Verify of the session's current epoch: pending ids and the block's (draft, p~) pairs."""
+    """A well-formed Verify of the session's current epoch: pending ids, the block's (draft, p~) pairs, and
+    the span or step it carries (None when it carries none)."""
 
     pending: list[int]
     block: list[tuple[int, Compressed]]
+    span: Span | None = None
+    step: Step | None = None
 
 
 STALE = "stale"  # what check_verify returns for a Verify drafted in an ended epoch
@@ -147,9 +171,6 @@ def check_verify(v: pb.Verify, expected_seq: int, context_len: int, epoch: int, 
     if v.seq != expected_seq:
         raise SessionAbort(INVALID, f"Verify.seq is {v.seq}, expected {expected_seq} (numbered from 1, one more "
                            "per Verify, stale ones included)", "seq")
-    if v.HasField("span") or v.HasField("step"):
-        raise SessionAbort(grpc.StatusCode.UNIMPLEMENTED, f"Verify.{'span' if v.HasField('span') else 'step'} is "
-                           "not served by this verifier yet: send a block without it", "unimplemented")
     if v.epoch > epoch:
         raise SessionAbort(INVALID, f"Verify.epoch is {v.epoch}, but the session is in epoch {epoch}: an epoch "
                            "only ends with a rejection the verifier sent (client bug)", "epoch")
@@ -159,15 +180,41 @@ def check_verify(v: pb.Verify, expected_seq: int, context_len: int, epoch: int, 
         raise SessionAbort(INVALID, f"Verify.position is {v.position}, but the session holds {context_len} agreed "
                            "tokens: the first pending id (or draft) must come right after them (client bug)",
                            "position")
-    if not v.block:
-        raise SessionAbort(INVALID, "Verify.block is empty: send at least one drafted position", "block")
-    total = context_len + len(v.pending_ids) + len(v.block)
-    if total > max_context:
-        raise SessionAbort(INVALID, f"Verify carries {len(v.pending_ids)} pending ids and {len(v.block)} drafts; "
-                           f"the session would hold {total} tokens, over the context limit of {max_context}",
-                           "context")
+    has_span, has_step = v.HasField("span"), v.HasField("step")
+    if has_step and (v.block or has_span):
+        raise SessionAbort(INVALID, "a Verify carrying a step has no block and no span: the step is judged alone",
+                           "step")
+    if not v.block and not (has_span or has_step):
+        raise SessionAbort(INVALID, "Verify.block is empty: send at least one drafted position (or a span or a "
+                           "step)", "block")
+    drafted = len(v.step.step_ids) if has_step else len(v.block)
+    total = context_len + len(v.pending_ids) + drafted
+    if total > max_context or (has_span and total >= max_context):
+        raise SessionAbort(INVALID, f"Verify carries {len(v.pending_ids)} pending ids and {drafted} drafted ids"
+                           f"{' and asks for a span' if has_span else ''}; the session would hold {total} tokens, "
+                           f"at or over the context limit of {max_context}", "context")
     pending = check_ids(v.pending_ids, n, "Verify.pending_ids")
-    return CheckedVerify(pending, [_check_drafted(d, j, codec, n) for j, d in enumerate(v.block)])
+    block = [_check_drafted(d, j, codec, n) for j, d in enumerate(v.block)]
+    span = _check_span(v.span, n, "Verify.span") if has_span else None
+    return CheckedVerify(pending, block, span, _check_step(v.step, n) if has_step else None)
+
+
+def _check_span(span: pb.SpanRequest, n: int, what: str) -> Span:
+    if span.max_tokens < 1:
+        raise SessionAbort(INVALID, f"{what}.max_tokens is 0: ask for at least one token", "span")
+    return Span(frozenset(check_ids(span.stop_ids, n, f"{what}.stop_ids")), int(span.max_tokens))
+
+
+def _check_step(step: pb.StepToJudge, n: int) -> Step:
+    if not step.step_ids:
+        raise SessionAbort(INVALID, "Verify.step.step_ids is empty: send the drafted step's ids", "step")
+    if step.score not in STEP_SCORES:
+        raise SessionAbort(INVALID, f"Verify.step.score is {shown(step.score)}; use one of {', '.join(STEP_SCORES)}",
+                           "step")
+    if not 0.0 <= step.threshold <= 1.0:  # NaN fails this too
+        raise SessionAbort(INVALID, f"Verify.step.threshold is {step.threshold}; it must be in [0, 1]", "step")
+    ids = check_ids(step.step_ids, n, "Verify.step.step_ids")
+    return Step(ids, step.score, float(step.threshold), _check_span(step.regenerate, n, "Verify.step.regenerate"))
 
 
 def _check_drafted(d: pb.DraftedPosition, j: int, codec: CodecSpec, n: int) -> tuple[int, Compressed]:

@@ -56,6 +56,9 @@ class VerdictResult:
     epoch: int = 0  # the session's epoch after this Verify
     target_probs: tuple[float, ...] = ()  # q(draft) per decided position, when asked for
     queue_seconds: float = 0.0  # the part of server_seconds the verifier spent waiting for its model
+    span_ids: tuple[int, ...] = ()  # the LLM's own tokens: a requested span, or a judged step regenerated
+    step_accepted: bool = False  # a judged step was accepted whole
+    step_score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,17 @@ class _Sent:
     size: int
     pending: int
     block: int
+    step: int = 0  # ids of a step to judge (0: no step)
+
+
+def _decided(sent: _Sent, verdict: pb.Verdict) -> int:
+    """Positions a Verdict agreed beside the pending ids and any span: a judged step's ids when accepted; a
+    block's accepted prefix plus the resampled token at a rejection."""
+    if sent.step:
+        return sent.step if verdict.step_accepted else 0
+    if not sent.block:
+        return 0  # a bare span request
+    return verdict.accepted_count + (not verdict.accepted)
 
 
 def connect(address: str, timeout: float = 10.0, transport: Transport = PLAINTEXT) -> grpc.Channel:
@@ -187,12 +201,14 @@ class VerifierSession:
         """Verifies sent whose Verdict has not been taken yet."""
         return len(self._in_flight)
 
-    def submit(self, pending: list[int], position: int, epoch: int, block: list[tuple[int, bytes]]) -> int:
+    def submit(self, pending: list[int], position: int, epoch: int, block: list[tuple[int, bytes]],
+               span: pb.SpanRequest | None = None, step: pb.StepToJudge | None = None) -> int:
         """Send a Verify of ``block`` ((draft, encoded p~) per drafted position) after ``pending``, drafted in
-        ``epoch`` with its first pending id at ``position``; returns its bytes on the wire. Does not wait."""
+        ``epoch`` with its first pending id at ``position``, optionally asking for a ``span`` after it or
+        carrying a ``step`` to judge instead of a block; returns its bytes on the wire. Does not wait."""
         self._seq += 1
         request = pb.EdgeMessage(verify=pb.Verify(
-            seq=self._seq, pending_ids=pending, position=position, epoch=epoch,
+            seq=self._seq, pending_ids=pending, position=position, epoch=epoch, span=span, step=step,
             block=[pb.DraftedPosition(token_id=t, distribution=d) for t, d in block]))
         if request.ByteSize() > MIN_MESSAGE_LIMIT or self._opened is not None:
             limit = self.opened.max_message_bytes  # a large Verify waits for Opened: it may not fit
@@ -200,7 +216,8 @@ class VerifierSession:
                 self._refuse(f"a Verify of {request.ByteSize():,} bytes ({len(pending):,} pending ids) exceeds "
                              f"the verifier's limit of {limit:,} bytes; raise the verifier's --max-message-bytes")
         size = self._send(request)
-        self._in_flight.append(_Sent(self._seq, time.perf_counter(), size, len(pending), len(block)))
+        self._in_flight.append(_Sent(self._seq, time.perf_counter(), size, len(pending), len(block),
+                                     len(step.step_ids) if step is not None else 0))
         return size
 
     def next_verdict(self, wait: bool = True) -> VerdictResult | None:
@@ -218,15 +235,17 @@ class VerifierSession:
         verdict = message.verdict
         if verdict.seq != sent.seq:
             raise VerifierError(f"verdict for seq {verdict.seq} arrived, expected {sent.seq}")
-        if verdict.token_id >= self.id_space:
-            self._refuse(f"the verifier returned token {verdict.token_id}, outside the id space {self.id_space}")
+        outside = [t for t in (verdict.token_id, *verdict.span_ids) if t >= self.id_space]
+        if outside:
+            self._refuse(f"the verifier returned token {outside[0]}, outside the id space {self.id_space}")
         if not verdict.stale:
-            self.agreed += sent.pending + verdict.accepted_count + (not verdict.accepted)
+            self.agreed += sent.pending + _decided(sent, verdict) + len(verdict.span_ids)
             self.epoch = verdict.epoch
         probs = tuple(verdict.target_probs)
         return VerdictResult(verdict.accepted, verdict.token_id, probs[0] if probs else 0.0,
                              time.perf_counter() - sent.t_sent, sent.size, wire_size(message), verdict.server_seconds,
-                             verdict.accepted_count, verdict.stale, verdict.epoch, probs, verdict.queue_seconds)
+                             verdict.accepted_count, verdict.stale, verdict.epoch, probs, verdict.queue_seconds,
+                             tuple(verdict.span_ids), verdict.step_accepted, verdict.step_score)
 
     def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult:
         """Stop-and-wait shorthand: one drafted position after ``pending``, at the agreed position and epoch."""

@@ -79,10 +79,16 @@ class SpanRequest(_message.Message):
     def __init__(self, stop_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class StepToJudge(_message.Message):
-    __slots__ = ("step_ids",)
+    __slots__ = ("step_ids", "score", "threshold", "regenerate")
     STEP_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REGENERATE_FIELD_NUMBER: _ClassVar[int]
     step_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    score: str
+    threshold: float
+    regenerate: SpanRequest
+    def __init__(self, step_ids: _Optional[_Iterable[int]] = ..., score: _Optional[str] = ..., threshold: _Optional[float] = ..., regenerate: _Optional[_Union[SpanRequest, _Mapping]] = ...) -> None: ...
 
 class Verify(_message.Message):
     __slots__ = ("seq", "pending_ids", "position", "epoch", "block", "span", "step")
@@ -129,7 +135,7 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "accepted", "token_id", "target_probs", "server_seconds", "accepted_count", "stale", "epoch", "queue_seconds")
+    __slots__ = ("seq", "accepted", "token_id", "target_probs", "server_seconds", "accepted_count", "stale", "epoch", "queue_seconds", "span_ids", "step_accepted", "step_score")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +145,9 @@ class Verdict(_message.Message):
     STALE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCORE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     accepted: bool
     token_id: int
@@ -148,7 +157,10 @@ class Verdict(_message.Message):
     stale: bool
     epoch: int
     queue_seconds: float
-    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., server_seconds: _Optional[float] = ..., accepted_count: _Optional[int] = ..., stale: _Optional[bool] = ..., epoch: _Optional[int] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    span_ids: _containers.RepeatedScalarFieldContainer[int]
+    step_accepted: bool
+    step_score: float
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., server_seconds: _Optional[float] = ..., accepted_count: _Optional[int] = ..., stale: _Optional[bool] = ..., epoch: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., span_ids: _Optional[_Iterable[int]] = ..., step_accepted: _Optional[bool] = ..., step_score: _Optional[float] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
     __slots__ = ("opened", "verdict")

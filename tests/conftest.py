@@ -35,6 +35,7 @@ INTEGRATION_MODULES = {
     "test_resilience",
     "test_security",
     "test_simulate_real",
+    "test_spans",  # the real engine on the demo LLM, and a verifier process
     "test_sweep",
     "test_verdict_keying",  # the real engine on the demo LLM, in-process
 }

@@ -200,10 +200,31 @@ SESSION_CASES = {
         lambda m: [open_msg(m, codec=CodecSpec("topk", k=2)), pb.EdgeMessage(verify=pb.Verify(seq=1, position=3, block=[
             pb.DraftedPosition(token_id=3, distribution=topk_bytes([3, 10], [200, 55])),
             pb.DraftedPosition(token_id=3, distribution=topk_bad_sum())]))], INVALID, "block[1].distribution"),
-    "span request (not served yet)": (lambda m: [open_msg(m), verify_msg(span=pb.SpanRequest(max_tokens=8))],
-                                      grpc.StatusCode.UNIMPLEMENTED, "span"),
-    "step to judge (not served yet)": (lambda m: [open_msg(m), verify_msg(step=pb.StepToJudge(step_ids=[5]))],
-                                       grpc.StatusCode.UNIMPLEMENTED, "step"),
+    # spans and judged steps
+    "span of 0 tokens": (lambda m: [open_msg(m), verify_msg(span=pb.SpanRequest(max_tokens=0))], INVALID,
+                         "max_tokens is 0"),
+    "span stop id out of range": (lambda m: [open_msg(m), verify_msg(span=pb.SpanRequest(max_tokens=4,
+                                                                                         stop_ids=[V + 9]))],
+                                  INVALID, "span.stop_ids"),
+    "span at the context limit": (lambda m: [open_msg(m), verify_msg(pending=[5] * (MAX_CONTEXT - 3), drafts=0,
+                                                                     span=pb.SpanRequest(max_tokens=4))],
+                                  INVALID, "context limit"),
+    "step with a block": (lambda m: [open_msg(m), verify_msg(step=pb.StepToJudge(
+        step_ids=[5], score="min", threshold=0.5, regenerate=pb.SpanRequest(max_tokens=4)))], INVALID,
+                          "no block"),
+    "empty step": (lambda m: [open_msg(m), verify_msg(drafts=0, step=pb.StepToJudge(
+        score="min", threshold=0.5, regenerate=pb.SpanRequest(max_tokens=4)))], INVALID, "step_ids is empty"),
+    "unknown step score": (lambda m: [open_msg(m), verify_msg(drafts=0, step=pb.StepToJudge(
+        step_ids=[5], score="z" * 5000, threshold=0.5, regenerate=pb.SpanRequest(max_tokens=4)))], INVALID,
+                           "characters"),
+    "NaN step threshold": (lambda m: [open_msg(m), verify_msg(drafts=0, step=pb.StepToJudge(
+        step_ids=[5], score="mean", threshold=float("nan"), regenerate=pb.SpanRequest(max_tokens=4)))], INVALID,
+                           "threshold"),
+    "step id out of range": (lambda m: [open_msg(m), verify_msg(drafts=0, step=pb.StepToJudge(
+        step_ids=[5, V], score="mean", threshold=0.5, regenerate=pb.SpanRequest(max_tokens=4)))], INVALID,
+                             "step_ids"),
+    "step without a regeneration budget": (lambda m: [open_msg(m), verify_msg(drafts=0, step=pb.StepToJudge(
+        step_ids=[5], score="mean", threshold=0.5))], INVALID, "regenerate.max_tokens"),
     # echoed values are truncated: a huge one must not turn the status into "metadata size exceeds hard limit"
     "20 kB codec name": (lambda m: [open_msg(m, codec=pb.Codec(name="z" * 20_000))], INVALID, "20,002 characters"),
     "150 kB tokenizer hash": (lambda m: [open_msg(m, fingerprint=fingerprint(m, tokenizer_hash="f" * 150_000))],
