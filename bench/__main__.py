@@ -1,4 +1,5 @@
-"""`python -m bench`: run the edge decode benchmark, merge its section into reports/bench.json, print a table."""
+"""`python -m bench`: run the edge decode benchmark and the other sections, merge each into reports/bench.json, print
+their tables."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import decode_models, edge_decode, edge_real, pipeline, quality, report, sim, uncertainty_cost
+from bench import decode_models, edge_decode, edge_real, pipeline, quality, report, sim, uncertainty_cost, verifier
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-pipeline", action="store_true",
                         help="skip the pipeline section (protocol v2 lookahead vs stop-and-wait on the netns "
                              "testbed, ~6 min; skipped with the reason where namespaces cannot be made)")
+    parser.add_argument("--skip-verifier", action="store_true",
+                        help="skip the verifier section (recorded default-policy Verify streams replayed by 1-64 "
+                             "sessions against --batching on and off, and Generate; ~3 min)")
+    parser.add_argument("--verifier-threads", type=int, default=verifier.THREADS,
+                        help="torch threads of the verifier section's verifiers (default 1: the load generator "
+                             "needs a core too)")
     parser.add_argument("--skip-validation", action="store_true",
                         help="sim section without the netns validation (sim.validation_max_error)")
     return parser
@@ -45,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.repeats < 1 or args.tokens < 2 or args.threads < 1:
-        print("python -m bench: error: need --repeats >= 1, --tokens >= 2, --threads >= 1", file=sys.stderr)
+    if args.repeats < 1 or args.tokens < 2 or args.threads < 1 or args.verifier_threads < 1:
+        print("python -m bench: error: need --repeats >= 1, --tokens >= 2, --threads >= 1, --verifier-threads >= 1",
+              file=sys.stderr)
         return 2
     try:
         models = decode_models.prepare_default_models(args.slm, args.cache)
@@ -84,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         report.merge_report(args.out, "pipeline", section)
         print(pipeline.format_table(section))
         print(f"wrote {args.out} (section 'pipeline')")
+    if not args.skip_verifier:
+        section = verifier.run(threads=args.verifier_threads, command=command)
+        report.merge_report(args.out, "verifier", section)
+        print(verifier.format_table(section))
+        print(f"wrote {args.out} (section 'verifier')")
     return 0
 
 

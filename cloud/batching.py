@@ -2,12 +2,14 @@
 
 Session handler threads submit a ``ForwardJob`` (the ids its cache must cover, how many last rows of
 logits it needs) and wait; one model thread takes what is queued whenever the model frees up, oldest
-first, up to ``max_batch_tokens`` padded tokens (rows x longest new tail), and runs them together.
+first, up to ``max_batch_tokens`` new tokens, splits it by tail length where padding would cost more than
+another forward (``plan_forwards``), and runs each part as one forward.
 
 Why padding and not a paged cache: each session keeps its own cache (``cloud.kvstore.SessionKV``); a
-batch copies the cached positions into one zero-padded tensor, left-aligned to end where the new tokens
-start, and the new tokens (right-padded) follow. A 2-D attention mask hides the padding, explicit
-position ids keep each row's own positions, and only the new positions are copied back. The copy is
+batch copies the cached positions into one zero-padded tensor so that every row's cache ends at the same
+column, and the new tokens (left-padded) all end at the last column. A 4-D additive attention mask hides
+the padding, explicit position ids keep each row's own positions, the output layer runs only on the last
+columns some row needs, and only the new positions are copied back. The copy is
 what transformers' own ``DynamicCache`` already does every step (it concatenates the whole cache), it
 needs no custom attention kernel, and it works for any full-attention transformers model on any device.
 transformers' paged continuous-batching manager is built around its own generate loop and sampling;
@@ -65,6 +67,37 @@ class _PaddedLayer(DynamicLayer):
         return self.past
 
 
+# The fixed cost of one forward (Python, kernel launches, the output layer's weights read once), in padded
+# tokens' worth of work: measured on the demo LLM on this CPU, one row took ~8 ms and 64 rows x 25 tokens
+# ~95 ms, so a forward's overhead is worth ~150 tokens. Only the split below uses it.
+FORWARD_OVERHEAD_TOKENS = 128
+
+
+def plan_forwards(tails: list[int], max_tokens: int, overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Split jobs with new-tail lengths ``tails`` into forwards (lists of indices, shortest tails first) that
+    minimize the total cost, a forward costing ``overhead + rows * longest tail`` (padding is paid for): a
+    prefill of 40 tokens is not padded onto 30 one-token decode steps. A forward of more than one row stays
+    within ``max_tokens`` padded tokens. Exact dynamic programming over the sorted tails (at most a few
+    hundred jobs)."""
+    order = sorted(range(len(tails)), key=lambda i: tails[i])
+    lengths = [tails[i] for i in order]
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cheapest plan of the first j sorted jobs
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j - 1, -1, -1):  # the last forward takes sorted jobs i .. j-1 (longest: lengths[j-1])
+            padded = (j - i) * lengths[j - 1]
+            if j - i > 1 and padded > max_tokens:
+                break
+            cost = best[i] + overhead + padded
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 @dataclass(frozen=True)
 class BatchStats:
     forwards: int
@@ -105,34 +138,39 @@ class BatchingWorker:
             with self._wake:
                 while not self._queue:
                     self._wake.wait()
-                batch = self._take()
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    results = self.forward_batch(batch) if batch[0].kv.batched else [self._forward_alone(batch[0])]
-            except BaseException as exc:  # noqa: BLE001 - every waiting session must hear of it
-                for job in batch:
-                    job.future.set_exception(exc)
-                continue
-            self._count(batch)
-            for job, logits in zip(batch, results):
-                job.future.set_result((logits, started - job.submitted))
+                taken = self._take()
+            groups = ([[taken[i] for i in group] for group in plan_forwards([len(j.tail()) for j in taken],
+                                                                             self.max_batch_tokens)]
+                      if taken[0].kv.batched else [taken])
+            for group in groups:
+                self._run_group(group)
+
+    def _run_group(self, group: list[ForwardJob]) -> None:
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                results = self.forward_batch(group) if group[0].kv.batched else [self._forward_alone(group[0])]
+        except BaseException as exc:  # noqa: BLE001 - every waiting session must hear of it
+            for job in group:
+                job.future.set_exception(exc)
+            return
+        self._count(group)
+        for job, logits in zip(group, results):
+            job.future.set_result((logits, started - job.submitted))
 
     def _take(self) -> list[ForwardJob]:
-        """The oldest queued job, and after it every queued job that fits the padded-token budget with it."""
+        """The oldest queued job, and after it every queued job while their new tokens fit the budget."""
         first = self._queue.popleft()
-        batch, longest = [first], len(first.tail())
+        taken, total = [first], len(first.tail())
         if not first.kv.batched or not self.max_batch_tokens:
-            return batch
+            return taken
         for job in list(self._queue):
-            if not job.kv.batched:
-                continue
-            n = max(longest, len(job.tail()))
-            if (len(batch) + 1) * n <= self.max_batch_tokens:
-                batch.append(job)
-                longest = n
+            n = len(job.tail())
+            if job.kv.batched and total + n <= self.max_batch_tokens:
+                taken.append(job)
+                total += n
                 self._queue.remove(job)
-        return batch
+        return taken
 
     def _count(self, batch: list[ForwardJob]) -> None:
         """Count the forward, then hold the caches to the budget: those of queued jobs and of the batch just
@@ -152,30 +190,41 @@ class BatchingWorker:
 
     def forward_batch(self, batch: list[ForwardJob]) -> list[np.ndarray]:
         """One padded forward of ``batch`` (batched caches), on the calling thread; each job's logits rows.
-        Called by the model thread; public so that a benchmark can time batches of a chosen shape."""
+        Called by the model thread; public so that a benchmark can time batches of a chosen shape.
+
+        Every row's new tokens end at the last column (left padding), so the output layer runs only on the
+        last ``max(rows)`` columns: a batch of Verifies with ragged tails costs one narrow output layer, not
+        one per distinct tail end."""
         tails = [job.tail() for job in batch]
         past = [job.kv.length for job in batch]
         width, longest = max(past), max(len(t) for t in tails)
         rows = len(batch)
         ids = torch.full((rows, longest), _PAD_ID, dtype=torch.long)
         positions = torch.zeros((rows, longest), dtype=torch.long)
-        mask = torch.zeros((rows, width + longest), dtype=torch.long)
         for b, (tail, p) in enumerate(zip(tails, past)):
-            ids[b, : len(tail)] = torch.tensor(tail)
-            positions[b] = torch.arange(p, p + longest)
-            mask[b, width - p : width + len(tail)] = 1
+            ids[b, longest - len(tail):] = torch.tensor(tail)
+            positions[b, longest - len(tail):] = torch.arange(p, p + len(tail))
         kv = self._batch_cache(batch, width, longest)
-        # Logits only at the rows some job needs: a prefill's other positions never reach the output layer.
-        keep = sorted({i for t, job in zip(tails, batch) for i in range(len(t) - job.rows, len(t))})
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=torch.tensor(keep),
+        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=True,
+                         attention_mask=self._mask(past, [len(t) for t in tails], width, longest, kv.dtype),
+                         logits_to_keep=max(job.rows for job in batch),
                          past_key_values=Cache(layers=[_PaddedLayer(kv[i, 0], kv[i, 1], width) for i in range(len(kv))]))
-        logits = out.logits[..., : self.id_space].float().cpu().numpy()  # [rows, len(keep), N]
-        where = {i: k for k, i in enumerate(keep)}
+        logits = out.logits[..., : self.id_space].float().cpu().numpy()  # [rows, max(job.rows), N]
         for b, (job, tail) in enumerate(zip(batch, tails)):
-            job.kv.append(kv[:, :, b, :, width : width + len(tail)])
-        return [logits[b, [where[i] for i in range(len(t) - job.rows, len(t))]] for b, (job, t) in
-                enumerate(zip(batch, tails))]
+            job.kv.append(kv[:, :, b, :, width + longest - len(tail) : width + longest])
+        return [logits[b, logits.shape[1] - job.rows :] for b, job in enumerate(batch)]
+
+    def _mask(self, past: list[int], new: list[int], width: int, longest: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention mask [rows, 1, longest, width + longest]: a row's query sees its own cached keys
+        (which end at ``width``) and its own new keys up to itself (which end at the last column). A padding
+        query sees only itself, so no row of the softmax is empty (an empty one would be NaN)."""
+        key = torch.arange(width + longest).view(1, 1, -1)
+        query = torch.arange(longest).view(1, -1, 1) + width  # a query's own key column
+        first_past = torch.tensor([width - p for p in past]).view(-1, 1, 1)
+        first_new = torch.tensor([width + longest - n for n in new]).view(-1, 1, 1)
+        seen = ((key >= first_past) & (key < width)) | ((key >= first_new) & (key <= query)) | (key == query)
+        zero, hidden = torch.tensor(0.0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+        return torch.where(seen, zero, hidden).unsqueeze(1).to(self.device)
 
     def _batch_cache(self, batch: list[ForwardJob], width: int, longest: int) -> torch.Tensor:
         """``[layers, 2, rows, kv_heads, width + longest, head_dim]``: each row's cached positions end at ``width``."""
