@@ -8,7 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import decode_models, edge_decode, edge_real, pipeline, quality, report, sim, uncertainty_cost, verifier
+from bench import (decode_models, edge_decode, edge_real, pipeline, quality, report, sim, threads, uncertainty_cost,
+                   verifier)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} (section 'pipeline')")
     if not args.skip_verifier:
         section = verifier.run(threads=args.verifier_threads, command=command)
+        section["thread_default"] = threads.run()  # forward times at 1 thread, the default, all cores, 4x
         report.merge_report(args.out, "verifier", section)
         print(verifier.format_table(section))
         print(f"wrote {args.out} (section 'verifier')")

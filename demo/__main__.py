@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     table = [rows[name] for name in POLICIES]
     llm_acc = rows["llm-only"]["accuracy"]
     for row in table:
+        row.pop("correct", None)  # per-problem correctness: the modes table's paired intervals use it, not the demo
         row["retention"] = row["accuracy"] / llm_acc if llm_acc else 0.0
         row["exact"] = POLICIES[row["config"]].exact
         row["lookahead"] = POLICIES[row["config"]].lookahead

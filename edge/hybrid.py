@@ -135,7 +135,7 @@ class HybridResult:
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
 
 
-class _Streams:
+class Streams:
     """The loop's randomness, keyed by (seed, stream, position) and never by how many draws came before: a
     position's draft and estimator noise are the same whether it is drafted once (stop-and-wait), redrafted
     after a rollback, or drafted ahead of a verdict (pipelined). Separate streams: the send decision's
@@ -151,7 +151,7 @@ class _Streams:
         return np.random.default_rng([self.seed, 1, position])
 
 
-def draft_step(logits: np.ndarray, config: HybridConfig, estimator: Estimator, streams: _Streams,
+def draft_step(logits: np.ndarray, config: HybridConfig, estimator: Estimator, streams: Streams,
                position: int) -> Draft:
     """Form p from the SLM's ``logits`` [N] (already sliced to the id space), compress it to p~, draw the draft
     from p~, measure u; every draw keyed by ``position``."""
@@ -186,7 +186,7 @@ class _Loop:
         self.estimator = get_estimator(config.estimator, k=config.samples)
         self.all_estimators = ({n: get_estimator(n, k=config.samples) for n in ESTIMATORS}
                                if config.record_all_estimators else {})
-        self.streams = _Streams(seed)
+        self.streams = Streams(seed)
         self.n = model.runtime.id_space  # the width of every logit row the runtime returns
         self.tokens, self.records = result.token_ids, result.records
         self.pending: list[int] = []  # kept drafts of this epoch the verifier has not seen yet
@@ -341,7 +341,7 @@ def _write_open(trace: TextIO, config: HybridConfig, prompt_tokens: int, verifie
                   lookahead=config.lookahead, open_s=open_s)
 
 
-def _open_while_prefilling(model: EdgeModel, prompt_ids: list[int], config: HybridConfig,
+def open_while_prefilling(model: EdgeModel, prompt_ids: list[int], config: HybridConfig,
                            open_session: SessionOpener | None) -> tuple[Verifier | None, np.ndarray, float]:
     """Connect and send Open on a thread while the SLM prefills the prompt (ORT releases the GIL), so the
     handshake costs no time before the first draft; returns (session, logits, seconds the open took)."""
@@ -376,7 +376,7 @@ def generate_hybrid(
     """
     result = HybridResult(list(prompt_ids))
     t_start = time.perf_counter()
-    verifier, logits, open_s = _open_while_prefilling(model, prompt_ids, config, open_session)
+    verifier, logits, open_s = open_while_prefilling(model, prompt_ids, config, open_session)
     if trace is not None:
         _write_open(trace, config, len(prompt_ids), verifier, open_s)
     loop = _Loop(model, list(prompt_ids), config, seed, verifier, result, on_commit)

@@ -1,4 +1,4 @@
-"""Command line of `python -m eval`: calibration and the accuracy–transmission frontier sweep.
+"""Command line of `python -m eval`: calibration, the accuracy–transmission frontier sweep, and the modes table.
 
 Both run held-out task problems through the real edge loop against a real verifier (started locally from
 the sweep config's ``verifier_model`` when no address is given).
@@ -78,6 +78,53 @@ def _sweep_with(config, out, model, channel):
         channel.close()
 
 
+def _modes(args) -> int:
+    import json
+    import shlex
+    import sys
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from core.process import VerifierProcess
+    from core.sampling import SamplingSettings
+    from edge.client import VerifierError, connect
+    from edge.model import EdgeModel
+    from eval.modes import format_table, run_modes
+    from eval.pair import LLM_DIR, ensure_export
+    from eval.taskeval import Runner
+    from models.task import held_out_problems
+
+    model = EdgeModel(args.model or ensure_export(), providers=args.provider, threads=args.threads)
+    command = shlex.join(["python", "-m", "eval", *sys.argv[1:]])
+    try:
+        with ExitStack() as stack:
+            address = args.verifier or stack.enter_context(VerifierProcess(
+                str(LLM_DIR), extra_args=("--threads", str(args.threads)))).address
+            channel = connect(address, timeout=args.timeout)
+            stack.callback(channel.close)
+            section = run_modes(lambda t: Runner(model, channel, SamplingSettings(temperature=t), args.seed),
+                                held_out_problems(args.problems), tuple(args.temperatures),
+                                args.calibration_problems, command)
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    print(format_table(section))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(section, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _temperatures(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--temperatures: {text!r} is not a comma-separated list of numbers, e.g. 1,0") from None
+    if not values or any(not 0 <= v <= 10 for v in values):
+        raise UserError(f"--temperatures: {text!r}: give temperatures in [0, 10], e.g. 1,0")
+    return values
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m eval", description="Experiment harness: calibration and frontier sweeps.")
     sub = parser.add_subparsers()
@@ -104,6 +151,18 @@ def build_parser() -> OneLineParser:
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--timeout", type=non_negative_float, default=30.0)
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("modes", help="every collaboration mode side by side on the same problems, seeds and verifier")
+    p.add_argument("--model", help="ONNX export folder of the edge model (default: the demo SLM's export)")
+    p.add_argument("--verifier", type=address, help="HOST:PORT of a verifier (default: start the demo LLM's)")
+    p.add_argument("--problems", type=positive_int, default=300, help="held-out problems per mode and temperature")
+    p.add_argument("--temperatures", type=_temperatures, default=[1.0, 0.0], help="comma-separated (default 1,0)")
+    p.add_argument("--calibration-problems", type=positive_int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1, help="edge (ORT) and local verifier threads")
+    p.add_argument("--out", default="reports/modes.json", help="JSON to write (default reports/modes.json)")
+    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
+    p.add_argument("--timeout", type=non_negative_float, default=30.0)
+    p.set_defaults(func=_modes)
     return parser
 
 

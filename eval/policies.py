@@ -1,7 +1,8 @@
 """The one table of collaboration policies: every configuration the project measures is one row here.
 
 A policy says where tokens come from (``route``), how the edge decides to send (estimator, threshold)
-and what it sends (codec). Thresholds are either fixed numbers or a calibration rule applied to the
+and what it sends (codec). Span- and step-level modes (route ``coarse``, ``edge/coarse.py``) use the same
+threshold as their trigger, gate or first verified position. Thresholds are either fixed numbers or a calibration rule applied to the
 policy's own estimator (``averse``: U-HLM's -b/a; ``empirical``: the largest u_th whose skipped tokens'
 mean rejection stays under the target). ``make demo``, ``python -m simulate record``, the testbed's
 edge and the tests all read this table; none keeps a list of its own.
@@ -13,12 +14,14 @@ import math
 from dataclasses import dataclass, replace
 
 from core.sampling import SamplingSettings
+from edge.coarse import CoarseConfig
 from edge.hybrid import HybridConfig
 from edge.uncertainty import DEFAULT_ESTIMATOR
 from models.task import MAX_SOLUTION_TOKENS
 from proto.distribution import CodecSpec
 
-LOCAL, HYBRID, GENERATE = "local", "hybrid", "generate"  # routes: SLM alone, SLM + verifier, LLM alone
+# routes: SLM alone, SLM + verifier token by token, LLM alone, SLM + verifier by spans or steps
+LOCAL, HYBRID, GENERATE, COARSE = "local", "hybrid", "generate", "coarse"
 PIPELINED_LOOKAHEAD = 16  # default-pipelined's lookahead
 
 
@@ -32,6 +35,8 @@ class Policy:
     threshold: float | str = math.inf  # a number, or a calibration rule name ("averse", "empirical")
     exact: bool = True  # verified tokens follow the LLM exactly; False = draft-dependent sending (biased)
     lookahead: int = 0  # protocol v2: tokens drafted past the oldest unresolved Verify; 0 = stop-and-wait
+    mode: str = ""  # route coarse: span-uncertainty | span-learned | step-judge | step-exact
+    gated: bool = False  # step-judge: send only steps with a position above the threshold
 
     @property
     def calibrated(self) -> bool:
@@ -53,6 +58,15 @@ class Policy:
         return HybridConfig(threshold=threshold, estimator=self.estimator, codec=CodecSpec(self.codec),
                             settings=settings, max_new_tokens=max_new_tokens, lookahead=self.lookahead)
 
+    def coarse(self, settings: SamplingSettings, threshold: float, step_end_ids: frozenset[int],
+               marker_id: int | None = None, max_new_tokens: int = MAX_SOLUTION_TOKENS) -> CoarseConfig:
+        """The span/step loop's configuration for this policy (route ``coarse`` only)."""
+        if self.route != COARSE:
+            raise ValueError(f"policy {self.name!r} is not a span or step mode")
+        hybrid = HybridConfig(threshold=threshold, estimator=self.estimator, codec=CodecSpec(self.codec),
+                              settings=settings, max_new_tokens=max_new_tokens)
+        return CoarseConfig(self.mode, hybrid, step_end_ids, gated=self.gated, marker_id=marker_id)
+
     def at(self, threshold: float) -> Policy:
         """The same policy at a fixed threshold, named ``name@u_th`` (threshold sweeps)."""
         return replace(self, name=f"{self.name}@{threshold:g}", threshold=float(threshold))
@@ -72,6 +86,14 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("default-pipelined", HYBRID, f"default, drafting up to {PIPELINED_LOOKAHEAD} tokens past the oldest "
            "unresolved Verify (protocol v2; the same tokens as default)", estimator=DEFAULT_ESTIMATOR, codec="adaptive",
            threshold="empirical", lookahead=PIPELINED_LOOKAHEAD),
+    Policy("span-uncertainty", COARSE, "SplitReason-style span offload: where u > u_th the LLM writes the rest of the "
+           "step (inexact: unverified SLM text)", threshold="empirical", exact=False, mode="span-uncertainty"),
+    Policy("step-judge", COARSE, "SpecReason-style: every drafted step's ids are scored by the LLM, kept or "
+           "regenerated (inexact by design)", threshold="empirical", exact=False, mode="step-judge"),
+    Policy("step-judge-gated", COARSE, "step-judge, sending only steps with a position above u_th (inexact by design)",
+           threshold="empirical", exact=False, mode="step-judge", gated=True),
+    Policy("step-exact", COARSE, "exact step verification: from a step's first position above u_th to its end, "
+           "every p~ as one block (multi-token speculative sampling)", threshold="empirical", mode="step-exact"),
 )}
 
 

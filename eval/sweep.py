@@ -97,7 +97,7 @@ def read_rows(path: Path) -> list[dict]:
 def append_row(path: Path, row: dict) -> None:
     new = not path.is_file()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # per-problem lists stay out
         if new:
             writer.writeheader()
         writer.writerow({k: row.get(k) for k in COLUMNS})

@@ -19,10 +19,11 @@ from tqdm import tqdm
 from core.sampling import SamplingSettings
 from edge.calibration import check_on_test, estimator_data, fit_estimators
 from edge.client import VerifierSession, generate_remote
+from edge.coarse import CoarseResult, generate_coarse
 from edge.hybrid import HybridConfig, HybridResult, generate_hybrid
 from edge.model import EdgeModel
-from eval.policies import GENERATE, LOCAL, Policy
-from models.task import MAX_SOLUTION_TOKENS, Problem, held_out_problems, is_correct, sample_problems
+from eval.policies import COARSE, GENERATE, LOCAL, Policy
+from models.task import MAX_SOLUTION_TOKENS, STEP_END_TEXTS, Problem, held_out_problems, is_correct, sample_problems
 from proto import trace as tr
 
 CALIBRATION_SEED = 777  # training-split problems for calibration (held-out problems are for testing)
@@ -70,41 +71,77 @@ class Runner:
                 tr.write_task(trace, is_correct(problem, result.text))
         return runs
 
+    def step_end_ids(self) -> frozenset[int]:
+        """The ids that end a worked step of the task (span offload and step judging split there)."""
+        return frozenset(i for text in STEP_END_TEXTS for i in self.model.encode(text, add_special_tokens=False))
+
+    def coarse(self, policy: Policy, problems, threshold: float, marker_id: int | None = None,
+               progress: bool = True) -> list[ProblemRun]:
+        """Every problem through a span or step mode (``edge/coarse.py``), same seeds as ``hybrid``."""
+        config = policy.coarse(self.settings, threshold, self.step_end_ids(), marker_id)
+        runs = []
+        for i, problem in enumerate(tqdm(problems, desc=policy.name, unit="problem", leave=False,
+                                         disable=not progress)):
+            seed = self.seed + i
+            t0 = time.perf_counter()
+            result = generate_coarse(self.model, self.model.encode(problem.prompt), config, seed=seed,
+                                     open_session=self.session_opener(seed))
+            runs.append(ProblemRun(problem, result, time.perf_counter() - t0))
+        return runs
+
     def policy(self, policy: Policy, problems, threshold: float, trace: TextIO | None = None) -> dict:
         """One row of a report: ``policy`` at ``threshold`` over ``problems``."""
         if policy.route == GENERATE:
             return self.llm_only(problems)
+        if policy.route == COARSE:
+            return summarize(policy.name, self.coarse(policy, problems, threshold))
         config = policy.config(self.settings, threshold)
         return summarize(policy.name, self.hybrid(policy.name, config, problems, verify=policy.route != LOCAL,
                                                   trace=trace))
 
     def llm_only(self, problems):
-        correct = tokens = up = 0
+        correct, tokens, up, down = [], 0, 0, 0
         seconds = 0.0
         for i, problem in enumerate(tqdm(problems, desc="llm-only", unit="problem", leave=False)):
             t0 = time.perf_counter()
-            ids, req_bytes, _ = generate_remote(self.channel, self.model.manifest.fingerprint,
+            ids, req_bytes, resp_bytes = generate_remote(self.channel, self.model.manifest.fingerprint,
                                                 self.model.encode(problem.prompt), self.settings,
                                                 MAX_SOLUTION_TOKENS, sorted(self.model.eos_ids), seed=self.seed + i)
             seconds += time.perf_counter() - t0
-            correct += is_correct(problem, self.model.decode(ids))
-            tokens, up = tokens + len(ids), up + req_bytes
-        return {"config": "llm-only", "accuracy": correct / len(problems), "transmission_rate": 1.0,
-                "acceptance_rate": None, "uplink_bytes_per_token": up / tokens, "tokens_per_s": tokens / seconds}
+            correct.append(int(is_correct(problem, self.model.decode(ids))))
+            tokens, up, down = tokens + len(ids), up + req_bytes, down + resp_bytes
+        return {"config": "llm-only", "accuracy": sum(correct) / len(problems), "transmission_rate": 1.0,
+                "acceptance_rate": None, "llm_token_share": 1.0, "round_trips_per_token": len(problems) / tokens,
+                "uplink_bytes_per_token": up / tokens, "downlink_bytes_per_token": down / tokens,
+                "tokens_per_s": tokens / seconds, "correct": correct}
 
 
 def summarize(name: str, runs: list[ProblemRun]) -> dict:
-    records = [r for run in runs for r in run.result.records]
-    sent = [r for r in records if r.sent]
+    """A report row of token-level (``HybridResult``) or span/step (``CoarseResult``) runs, in the names every
+    report uses: TR = positions sent for checking / tokens; LLM token share = tokens the LLM chose (a
+    rejection's resampled token, span and regenerated-step tokens) / tokens."""
     tokens = sum(len(run.result.token_ids) for run in runs)
+    if isinstance(runs[0].result, CoarseResult):
+        sent, llm = sum(run.result.sent_positions for run in runs), sum(run.result.llm_tokens for run in runs)
+        trips, acceptance = sum(run.result.round_trips for run in runs), None
+    else:
+        records = [r for run in runs for r in run.result.records]
+        sent_records = [r for r in records if r.sent]
+        sent, llm = len(sent_records), sum(not r.accepted for r in sent_records)
+        trips = sum(run.result.round_trips for run in runs)
+        acceptance = (sum(bool(r.accepted) for r in sent_records) / len(sent_records)) if sent_records else None
     return {
         "config": name,
         "accuracy": sum(is_correct(run.problem, run.result.text) for run in runs) / len(runs),
-        "transmission_rate": len(sent) / len(records),
-        "acceptance_rate": (sum(bool(r.accepted) for r in sent) / len(sent)) if sent else None,
+        "transmission_rate": sent / tokens if tokens else 0.0,
+        "acceptance_rate": acceptance,
+        "llm_token_share": llm / tokens if tokens else 0.0,
+        "round_trips_per_token": trips / tokens if tokens else 0.0,
         "uplink_bytes_per_token": sum(run.result.uplink_bytes for run in runs) / tokens,
+        "downlink_bytes_per_token": sum(run.result.downlink_bytes for run in runs) / tokens,
         "tokens_per_s": tokens / sum(run.result.seconds for run in runs),
         "tokens_digest": tokens_digest(runs),
+        "correct": [int(is_correct(run.problem, run.result.text)) for run in runs],  # per problem, for paired CIs
     }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 PROMPT_SUFFIX = " A:"
 ANSWER_MARK = " #"
+STEP_END_TEXTS = (";", ANSWER_MARK, "#")  # what ends a worked step (span offload and step judging split here)
 MAX_SOLUTION_TOKENS = 48  # the longest solution (4 steps, 3-digit totals, answer, EOS) is under 40 tokens
 TEST_SHARE_PERCENT = 10  # share of all possible questions reserved for the held-out split
 _ANSWER_RE = re.compile(r"#(-?\d+)")

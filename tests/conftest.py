@@ -24,6 +24,7 @@ DEMO_PAIR = ROOT / "models" / "demo_pair"
 INTEGRATION_MODULES = {
     "test_batching",  # the real engine on the demo LLM, in-process, many sessions
     "test_bench_smoke",  # builds and exports a model
+    "test_coarse",  # the real engine on the demo LLM
     "test_demo_pair",
     "test_demo_smoke",
     "test_edge_runtime",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.policies import GENERATE, POLICIES, Policy
+from eval.policies import COARSE, GENERATE, POLICIES, Policy
 
 DEFAULT_OUT = Path("reports/sim/traces")
 
@@ -64,7 +64,7 @@ def record_stream(channel, model, problem, settings, seed: int, out) -> bool:
 
 def policies_to_record(names: tuple[str, ...], extra_thresholds: list[float]) -> list[Policy]:
     """The named policies of the table, plus ``default`` at each extra threshold (``default@U``)."""
-    chosen = [POLICIES[n] for n in POLICIES if n in names]
+    chosen = [POLICIES[n] for n in POLICIES if n in names and POLICIES[n].route != COARSE]  # not replayed yet
     if "default" in names:
         chosen += [POLICIES["default"].at(th) for th in extra_thresholds]
     return chosen

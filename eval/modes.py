@@ -1,0 +1,95 @@
+"""`python -m eval modes`: every collaboration mode on the same held-out problems, seeds and verifier.
+
+One row per mode x temperature with the quantities every report uses (``modes.rows`` in make bench):
+accuracy with its 95% interval, retention vs LLM-only, transmission rate (positions sent for checking per
+token), the LLM's share of the tokens, round trips, uplink and downlink bytes per token, tokens/s on
+loopback, whether the mode is exact, and the paired 95% interval of its accuracy difference to ``default``
+(the same problems and seeds: far tighter than two independent intervals). Thresholds come from the same
+calibration as ``make demo`` (the ``empirical`` rule on the default estimator), at each temperature.
+
+``sim_tokens_per_s`` (the same traffic replayed by the simulator at 10 Mbit/s, 50 ms RTT) is filled where
+the simulator replays the mode; spans and judged steps are not replayed yet, so it is null for them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from eval.pair import calibrate
+from eval.policies import POLICIES
+from eval.taskeval import Runner
+
+MODES = ("slm-only", "llm-only", "default", "default-pipelined", "span-uncertainty", "step-judge",
+         "step-judge-gated", "step-exact")
+Z95 = 1.959964
+
+
+def ci95(correct: list[int]) -> float:
+    """Half-width of the normal-approximation 95% interval of a success rate."""
+    n = len(correct)
+    p = sum(correct) / n
+    return Z95 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+
+
+def paired_diff_ci95(a: list[int], b: list[int]) -> tuple[float, float]:
+    """(mean of a - b, half-width of its 95% interval) over paired problems."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return mean, Z95 * math.sqrt(var / n)
+
+
+def run_temperature(runner: Runner, problems, temperature: float, calibration_problems: int,
+                    modes: tuple[str, ...] = MODES) -> list[dict]:
+    """Every mode at one temperature, in order; llm-only first (retention needs it)."""
+    fits = calibrate(runner, calibration_problems)
+    rows = {}
+    for name in ("llm-only", *(m for m in modes if m != "llm-only")):
+        policy = POLICIES[name]
+        rows[name] = runner.policy(policy, problems, policy.threshold_from(fits))
+    llm = rows["llm-only"]["accuracy"]
+    out = []
+    for name in modes:
+        row = rows[name]
+        diff, half = paired_diff_ci95(row["correct"], rows["default"]["correct"]) if "default" in rows else (None, None)
+        out.append({"mode": name, "temperature": temperature, "exact": POLICIES[name].exact,
+                    "threshold": POLICIES[name].threshold_from(fits) if POLICIES[name].calibrated else None,
+                    "accuracy": row["accuracy"], "ci95": ci95(row["correct"]),
+                    "retention": row["accuracy"] / llm if llm else None,
+                    "diff_vs_default": diff, "diff_vs_default_ci95": half,
+                    **{k: row.get(k) for k in ("transmission_rate", "llm_token_share", "round_trips_per_token",
+                                               "uplink_bytes_per_token", "downlink_bytes_per_token",
+                                               "tokens_per_s")},
+                    "sim_tokens_per_s": None, "problems": len(problems)})
+    return out
+
+
+def run_modes(runner_for, problems, temperatures: tuple[float, ...], calibration_problems: int,
+              command: str, modes: tuple[str, ...] = MODES) -> dict:
+    """The section: ``runner_for(temperature)`` gives a Runner at that temperature (same channel, same seed)."""
+    load_before = list(os.getloadavg())
+    rows = [row for t in temperatures for row in run_temperature(runner_for(t), problems, t, calibration_problems,
+                                                                  modes)]
+    return {"rows": rows, "problems": len(problems), "temperatures": list(temperatures), "command": command,
+            "load_average": {"before": load_before, "after": list(os.getloadavg())},
+            "inexact": [m for m in modes if not POLICIES[m].exact]}
+
+
+def format_table(section: dict) -> str:
+    head = (f"{'mode':<18} {'T':>3} {'exact':>5} {'accuracy':>15} {'vs default':>15} {'retention':>9} {'TR':>6} "
+            f"{'LLM share':>9} {'RT/tok':>7} {'up B/tok':>8} {'down B/tok':>10} {'tok/s':>7}")
+    lines = [head, "-" * len(head)]
+    for r in section["rows"]:
+        diff = ("-" if r["diff_vs_default"] is None
+                else f"{100 * r['diff_vs_default']:+.1f}±{100 * r['diff_vs_default_ci95']:.1f}")
+        lines.append(f"{r['mode']:<18} {r['temperature']:>3g} {'yes' if r['exact'] else 'NO':>5} "
+                     f"{100 * r['accuracy']:>8.1f}±{100 * r['ci95']:<5.1f} {diff:>15} {r['retention']:>9.3f} "
+                     f"{r['transmission_rate']:>6.3f} {r['llm_token_share']:>9.3f} {r['round_trips_per_token']:>7.3f} "
+                     f"{r['uplink_bytes_per_token']:>8.1f} {r['downlink_bytes_per_token']:>10.1f} "
+                     f"{r['tokens_per_s']:>7.1f}")
+    lines.append(f"{section['problems']} held-out problems per row; accuracy in points with its 95% interval; "
+                 f"'vs default': paired difference on the same problems and seeds. Inexact by design: "
+                 f"{', '.join(section['inexact'])}")
+    return "\n".join(lines)
