@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from eval.modes import format_table as format_modes
+
 from bench import (decode_models, edge_decode, edge_real, pipeline, quality, report, sim, threads, uncertainty_cost,
                    verifier)
 
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verifier-threads", type=int, default=verifier.THREADS,
                         help="torch threads of the verifier section's verifiers (default 1: the load generator "
                              "needs a core too)")
+    parser.add_argument("--skip-modes", action="store_true",
+                        help="skip the modes section (every collaboration mode on the same problems at T = 1 and 0, "
+                             "python -m eval modes; ~10 min)")
+    parser.add_argument("--modes-problems", type=int, default=300, help="held-out problems per mode (default 300)")
     parser.add_argument("--skip-validation", action="store_true",
                         help="sim section without the netns validation (sim.validation_max_error)")
     return parser
@@ -99,7 +105,33 @@ def main(argv: list[str] | None = None) -> int:
         report.merge_report(args.out, "verifier", section)
         print(verifier.format_table(section))
         print(f"wrote {args.out} (section 'verifier')")
+    if not args.skip_modes:
+        section = _modes_section(args.modes_problems, command)
+        report.merge_report(args.out, "modes", section)
+        print(format_modes(section))
+        print(f"wrote {args.out} (section 'modes')")
     return 0
+
+
+def _modes_section(problems: int, command: str) -> dict:
+    """``python -m eval modes`` at its defaults (T = 1 and 0, the demo pair, a local verifier, one thread each)."""
+    from core.process import VerifierProcess
+    from core.sampling import SamplingSettings
+    from edge.client import connect
+    from edge.model import EdgeModel
+    from eval.modes import run_modes
+    from eval.pair import LLM_DIR, ensure_export
+    from eval.taskeval import Runner
+    from models.task import held_out_problems
+
+    model = EdgeModel(ensure_export(), threads=1)
+    with VerifierProcess(str(LLM_DIR), extra_args=("--threads", "1")) as verifier:
+        channel = connect(verifier.address)
+        try:
+            return run_modes(lambda t: Runner(model, channel, SamplingSettings(temperature=t), 0),
+                             held_out_problems(problems), (1.0, 0.0), 60, command)
+        finally:
+            channel.close()
 
 
 if __name__ == "__main__":

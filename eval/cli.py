@@ -112,6 +112,12 @@ def _modes(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(section, indent=2) + "\n")
     print(f"wrote {out}")
+    from eval.plots import plot_modes
+    from eval.sweep import read_rows
+
+    frontier = read_rows(Path(args.frontier)) if args.frontier and Path(args.frontier).is_file() else None
+    for path in plot_modes(section["rows"], out.parent, frontier):
+        print(f"wrote {path}")
     return 0
 
 
@@ -159,7 +165,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--calibration-problems", type=positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="edge (ORT) and local verifier threads")
-    p.add_argument("--out", default="reports/modes.json", help="JSON to write (default reports/modes.json)")
+    p.add_argument("--out", default="reports/modes.json", help="JSON to write (default reports/modes.json); the "
+                   "plots go next to it")
+    p.add_argument("--frontier", default="reports/frontier/frontier.csv",
+                   help="a sweep's frontier.csv to draw the default's threshold curve from, when it exists")
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--timeout", type=non_negative_float, default=30.0)
     p.set_defaults(func=_modes)

@@ -72,3 +72,45 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         written.append(save_figure(fig, out / f"accuracy_vs_bytes_T{temp:g}.png"))
     return written
+
+
+def _frontier_curve(ax, frontier: list[dict], temp: float, x_key: str) -> None:
+    """The default estimator's threshold sweep (max-prob, adaptive) as a line: at stop-and-wait a token-level
+    Verify is one round trip, so its transmission rate is its round trips per token."""
+    rs = sorted((r for r in frontier if float(r["temperature"]) == temp and r["estimator"] == "max-prob"
+                 and r["codec"] == "adaptive"), key=lambda r: _f(r, x_key))
+    if rs:
+        ax.plot([max(_f(r, x_key), 1e-3) for r in rs], [_f(r, "accuracy") for r in rs], "-", color="lightgrey",
+                lw=2, zorder=0, label="default's threshold sweep")
+
+
+def plot_modes(rows: list[dict], out: Path, frontier: list[dict] | None = None) -> list[Path]:
+    """The modes table (``python -m eval modes``) as two plots per temperature, accuracy (95% interval) vs round
+    trips per token and vs uplink bytes per token; inexact modes are hollow markers. ``frontier`` (a sweep's
+    rows) adds the default estimator's threshold curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for temp in sorted({float(r["temperature"]) for r in rows}):
+        at_t = [r for r in rows if float(r["temperature"]) == temp]
+        for x_key, frontier_key, label, name in (
+                ("round_trips_per_token", "transmission_rate", "round trips per generated token (log)", "rt"),
+                ("uplink_bytes_per_token", "uplink_bytes_per_token", "uplink bytes per generated token (log)",
+                 "bytes")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            if frontier:
+                _frontier_curve(ax, frontier, temp, frontier_key)
+            for i, r in enumerate(at_t):
+                color = f"C{i % 10}"
+                ax.errorbar([max(r[x_key], 1e-3)], [r["accuracy"]], yerr=[r["ci95"]], fmt="o", ms=6, capsize=3,
+                            color=color, mfc=color if r["exact"] else "none",
+                            label=r["mode"] + ("" if r["exact"] else " (inexact)"))
+            ax.set_xscale("log")
+            ax.set(xlabel=label, ylabel="task accuracy", title=f"collaboration modes, T={temp:g}")
+            ax.legend(fontsize=7)
+            written.append(save_figure(fig, out / f"modes_accuracy_vs_{name}_T{temp:g}.png"))
+    return written

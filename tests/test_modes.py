@@ -1,0 +1,41 @@
+"""The modes table's arithmetic and plots (``eval/modes.py``, ``eval.plots.plot_modes``): intervals of a rate and
+of a paired difference, and two plots per temperature. The table itself runs in ``make bench`` (section modes)."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eval.modes import ci95, format_table, paired_diff_ci95
+from eval.plots import plot_modes
+
+
+def test_the_interval_of_a_rate_shrinks_with_the_square_root_of_n():
+    assert math.isclose(ci95([1, 0] * 50), 1.959964 * math.sqrt(0.25 / 100))
+    assert math.isclose(ci95([1, 0] * 200), ci95([1, 0] * 50) / 2)
+
+
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=2, max_size=200))
+def test_identical_runs_differ_by_exactly_zero(pairs):
+    a = [x for x, _ in pairs]
+    assert paired_diff_ci95(a, a) == (0.0, 0.0)
+    diff, half = paired_diff_ci95(a, [y for _, y in pairs])
+    assert -1 <= diff <= 1 and half >= 0
+
+
+def row(mode, t, exact=True, acc=0.9):
+    return {"mode": mode, "temperature": t, "exact": exact, "accuracy": acc, "ci95": 0.03, "retention": 1.0,
+            "diff_vs_default": 0.0, "diff_vs_default_ci95": 0.01, "transmission_rate": 0.1, "llm_token_share": 0.02,
+            "round_trips_per_token": 0.05, "uplink_bytes_per_token": 6.0, "downlink_bytes_per_token": 3.0,
+            "tokens_per_s": 200.0}
+
+
+def test_two_plots_per_temperature_and_a_table_that_names_the_inexact(tmp_path):
+    rows = [row("default", 1.0), row("step-judge", 1.0, exact=False), row("default", 0.0), row("slm-only", 0.0)]
+    rows[-1]["round_trips_per_token"] = rows[-1]["uplink_bytes_per_token"] = 0.0  # log axes: no crash at zero
+    paths = plot_modes(rows, tmp_path)
+    assert len(paths) == 4 and all(p.stat().st_size > 0 for p in paths)
+    text = format_table({"rows": rows, "problems": 300, "inexact": ["step-judge"]})
+    assert "step-judge" in text.splitlines()[-1] and " NO " in text
