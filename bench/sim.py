@@ -13,13 +13,25 @@
   (draft to commit); the points (``validation_default_points``) also carry the p90 latency's error, which is
   where this sparse policy's round trips show (its median token is committed as it is drafted). Null with
   ``validation_default_skipped`` where namespaces cannot be made.
+- ``devices_per_replica``: per policy (``CAPACITY_POLICIES``), the devices one verifier replica sustains with the
+  per-token latency p99 (over every token of every device) <= 200 ms, each device on its own 10 Mbit/s uplink
+  (100 Mbit/s downlink), 50 ms RTT, 500 tokens per device; found by doubling then bisection on the simulator
+  (``simulate/capacity.py``). The replica is one worker taking what is queued and splitting it into forwards as
+  the engine does, each at the cost measured on the real batched engine (``bench/verifier_service.py`` ->
+  ``reports/sim/verifier_batched.json``, measured first if missing or if ``cloud/batching.py`` changed since:
+  ~1 min; 1 torch thread), up to the largest batch measured. ``llm-only`` is cloud-only: every token from the verifier, one batched decode step each (the ``Generate`` stream).
+  ``devices_per_replica_ratio``: default / llm-only (goal >= 10x); ``devices_per_replica_runs``: each search's
+  probes (p99, tokens/s, mean batch); ``verifier_service``: the fitted model (coefficients, R², relative errors,
+  held-out errors).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
+from simulate.capacity import devices_per_replica, study_config
 from simulate.config import LinkConfig, SimConfig
 from simulate.engine import simulate
 from simulate.trace import load_trace
@@ -29,6 +41,9 @@ HYBRID = ("u-hlm", "cu-hlm", "default")
 VALIDATION_RATES = (5e6, 20e6, 100e6)
 DEFAULT_VALIDATION_RTTS = (0.02, 0.05)
 DEFAULT_VALIDATION_PROBLEMS = 20
+SERVICE = Path("reports/sim/verifier_batched.json")
+CAPACITY_POLICIES = ("default", "default-pipelined", "default@0.06", "llm-only")
+CAPACITY_OBJECTIVE_S = 0.2
 
 
 def ensure_traces(folder: Path = TRACES) -> Path:
@@ -38,6 +53,33 @@ def ensure_traces(folder: Path = TRACES) -> Path:
         print(f"recording the simulator's traces into {folder} ...")
         record_all(folder, problems=40, calibration_problems=60, seed=0, temperature=1.0, extra_thresholds=[0.06, 0.2])
     return folder
+
+
+def ensure_service(path: Path = SERVICE) -> Path:
+    """The batched engine's measured service model, measured again when missing or of another engine version."""
+    from bench import verifier_service
+
+    if not path.is_file() or json.loads(path.read_text()).get("engine_sha256") != verifier_service.engine_sha256():
+        print(f"measuring the verifier engine's batched service time into {path} ...")
+        verifier_service.run(path)
+    return path
+
+
+def capacity(folder: Path, service: Path, policies=CAPACITY_POLICIES, tokens_per_device: int = 500) -> dict:
+    """``devices_per_replica`` and its ratio, the searches, and the service model they used."""
+    traces = {p: str(folder / f"{p}.jsonl") for p in policies}
+    runs = {p: devices_per_replica(study_config(traces, p, str(service), tokens_per_device=tokens_per_device),
+                                   CAPACITY_OBJECTIVE_S) for p in policies}
+    found = {p: r["devices"] for p, r in runs.items()}
+    measured = json.loads(service.read_text())
+    return {"devices_per_replica": found,
+            "devices_per_replica_ratio": found["default"] / found["llm-only"] if found.get("llm-only") else None,
+            "devices_per_replica_point": {"latency_p99_s": CAPACITY_OBJECTIVE_S, "uplink_bps_per_device": 10e6,
+                                          "downlink_bps_per_device": 100e6, "rtt_s": 0.05,
+                                          "tokens_per_device": tokens_per_device},
+            "devices_per_replica_runs": runs,
+            "verifier_service": {**measured["model"], "held_out_max_rel_error": measured.get("held_out_max_rel_error"),
+                                 "file": str(service), "load_average": measured.get("load_average")}}
 
 
 def single_device_tps(path: Path, rate_bps: float, rtt_s: float) -> float:
@@ -92,7 +134,7 @@ def validation_default() -> tuple[float | None, dict]:
                                  "validation_default_load_average": report["load_average"]}
 
 
-def run(skip_validation: bool = False) -> dict:
+def run(skip_validation: bool = False, service: Path = SERVICE) -> dict:
     folder = ensure_traces()
     hlm = single_device_tps(folder / "hlm.jsonl", 10e6, 0.05)
     by_policy = {p: single_device_tps(folder / f"{p}.jsonl", 10e6, 0.05) / hlm for p in HYBRID}
@@ -105,6 +147,7 @@ def run(skip_validation: bool = False) -> dict:
         "scale_point": {"devices": 10_000, "tokens_per_device": 200, "policy": "default", "uplink_bps": 100e6,
                         "rtt_s": 0.05, "workers": 8, "events": runs[0]["events"]},
         "traces": str(folder),
+        **capacity(folder, ensure_service(service)),
     }
     if skip_validation:
         section.update(validation_max_error=None, validation_skipped="--skip-validation",
@@ -122,6 +165,11 @@ def format_table(section: dict) -> str:
     lines.append(f"  speedup vs HLM at 10 Mbit/s, 50 ms, 1 device: default {section['speedup_vs_hlm']:.1f}x ("
                  + ", ".join(f"{k} {v:.2f}x" for k, v in section["speedup_vs_hlm_by_policy"].items()) + ")")
     lines.append(f"  10,000 devices x 200 tokens: {section['seconds_10k']:.1f} s, {section['events_per_s']:,.0f} events/s")
+    dpr, m = section["devices_per_replica"], section["verifier_service"]
+    ratio = section["devices_per_replica_ratio"]
+    lines.append("  devices per replica (p99 <= 200 ms, 10 Mbit/s, 50 ms): " + ", ".join(f"{k} {v}" for k, v in dpr.items())
+                 + (f"; default / cloud-only {ratio:.2f}x" if ratio is not None else ""))
+    lines.append(f"  verifier service model: {m['formula']} (R^2 {m['r2']:.3f})")
     err = section.get("validation_max_error")
     lines.append("  validation (HLM): " + (f"max error {err:.1%}" if err is not None
                                            else f"skipped ({section.get('validation_skipped')})"))

@@ -32,6 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from cloud.kvstore import HFSessionKV, KVBudget, SessionKV
+from core.batch_plan import plan_forwards
 
 _PAD_ID = 0  # any valid id: padded inputs are masked out of every real row
 
@@ -65,37 +66,6 @@ class _PaddedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.past
-
-
-# The fixed cost of one forward (Python, kernel launches, the output layer's weights read once), in padded
-# tokens' worth of work: measured on the demo LLM on this CPU, one row took ~8 ms and 64 rows x 25 tokens
-# ~95 ms, so a forward's overhead is worth ~150 tokens. Only the split below uses it.
-FORWARD_OVERHEAD_TOKENS = 128
-
-
-def plan_forwards(tails: list[int], max_tokens: int, overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Split jobs with new-tail lengths ``tails`` into forwards (lists of indices, shortest tails first) that
-    minimize the total cost, a forward costing ``overhead + rows * longest tail`` (padding is paid for): a
-    prefill of 40 tokens is not padded onto 30 one-token decode steps. A forward of more than one row stays
-    within ``max_tokens`` padded tokens. Exact dynamic programming over the sorted tails (at most a few
-    hundred jobs)."""
-    order = sorted(range(len(tails)), key=lambda i: tails[i])
-    lengths = [tails[i] for i in order]
-    best = [0.0] + [float("inf")] * len(order)  # best[j]: cheapest plan of the first j sorted jobs
-    cut = [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        for i in range(j - 1, -1, -1):  # the last forward takes sorted jobs i .. j-1 (longest: lengths[j-1])
-            padded = (j - i) * lengths[j - 1]
-            if j - i > 1 and padded > max_tokens:
-                break
-            cost = best[i] + overhead + padded
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 @dataclass(frozen=True)

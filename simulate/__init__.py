@@ -3,9 +3,11 @@ shared uplinks, downlinks and a verifier queue (``python -m simulate``; see READ
 
 Modules, one concern each: ``trace`` (load + validate against the contract in ``proto/trace.py``),
 ``framing`` (bytes on the wire), ``channel`` (rate, propagation, loss models), ``links`` (processor
-sharing / TDMA), ``compute`` (fitted service times), ``script`` (a generation of the earlier stop-and-wait
+sharing / TDMA), ``compute`` (fitted service times), ``batched`` (the batched engine's measured service
+time and its batching rule), ``script`` (a generation of the earlier stop-and-wait
 edge as events), ``loop`` (a protocol-v2 generation, stop-and-wait or pipelined, as the edge loop replays
-it), ``engine`` (the SimPy model), ``metrics``, ``config``, ``study`` (runs and sweeps), ``plots``, ``cli``.
+it), ``engine`` (the SimPy model), ``metrics``, ``config``, ``study`` (runs and sweeps), ``capacity`` (devices
+per verifier replica at a latency objective), ``plots``, ``cli``.
 
 ``simulate.testbed``: the real edge and verifier behind the traces and the real-link check: ``record``
 (one trace per policy from the demo pair), ``validate`` (real shaped link vs simulator), ``netns`` (two

@@ -10,7 +10,8 @@ hand-off to the worker thread, ~0.1 ms in a single-session recording), so conten
 inter-arrival times at the client (first chunk: prompt prefill; later: one token each). A batch of
 requests served together costs ``a + b * (their tokens summed)``: the fixed cost is paid once. That
 batching rule is the model's extrapolation (traces are recorded one session at a time, so they cannot
-show batching); runs default to ``max_batch = 1``.
+show batching); runs default to ``max_batch = 1``. The batched engine's measured cost replaces it with
+``verifier.service = "batched:PATH"`` (``simulate/batched.py``; the capacity study's default).
 
 Edge: the trace's own per-token compute times are replayed (``edge.compute = "trace"``), or each
 replaced by the trace's median (``"median"``) to strip the recording machine's scheduling noise; a sent
@@ -25,7 +26,9 @@ may set waits for Opened inside ``encode_s``; the simulator models that wait its
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -38,9 +41,18 @@ class ServiceModel:
     per_token_s: float  # b: per token prefilled
     samples: int
     r2: float | None
+    max_batch_tokens: ClassVar[float] = math.inf  # no token budget in this model: a batch is limited by max_batch only
 
     def time(self, tokens: int) -> float:
         return self.intercept_s + self.per_token_s * tokens
+
+    def batch_time(self, tails) -> float:
+        """Requests served together: the fixed cost once (the extrapolation above)."""
+        return self.time(sum(tails))
+
+    def plan(self, tails: list[int]) -> list[list[int]]:
+        """Requests taken together are one forward."""
+        return [list(range(len(tails)))]
 
     def as_dict(self) -> dict:
         return {"intercept_s": self.intercept_s, "per_token_s": self.per_token_s, "samples": self.samples,
@@ -66,20 +78,33 @@ def service_samples(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs).astype(float), np.concatenate(ys).astype(float)
 
 
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares ``x @ c ~ y`` ([S, F], [S]) with c >= 0: a negative cost would let the simulator run
+    backwards. The most negative coefficient is dropped (set to 0) and the rest refitted until none is."""
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while keep:
+        sol = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        if sol.min() >= 0:
+            coef[keep] = sol
+            break
+        del keep[int(np.argmin(sol))]
+    return coef
+
+
+def r_squared(y: np.ndarray, fit: np.ndarray) -> float | None:
+    total = float(np.sum((y - y.mean()) ** 2))
+    return 1 - float(np.sum((y - fit) ** 2)) / total if total > 0 else None
+
+
 def fit_line(x: np.ndarray, y: np.ndarray) -> ServiceModel:
-    """Least squares ``y = a + b x`` with a, b >= 0 (a negative cost would let the simulator run backwards)."""
+    """Least squares ``y = a + b x`` with a, b >= 0."""
     if len(x) == 0:
         return ServiceModel(0.0, 0.0, 0, None)
     if len(np.unique(x)) < 2:
         return ServiceModel(float(np.mean(y)), 0.0, len(x), None)
-    b, a = np.polyfit(x, y, 1)
-    if b < 0:
-        a, b = float(np.mean(y)), 0.0
-    elif a < 0:
-        a, b = 0.0, float(np.dot(x, y) / np.dot(x, x))
-    resid = y - (a + b * x)
-    total = float(np.sum((y - y.mean()) ** 2))
-    return ServiceModel(float(a), float(b), len(x), 1 - float(np.sum(resid**2)) / total if total > 0 else None)
+    a, b = nonneg_lstsq(np.column_stack([np.ones_like(x), x]), y)
+    return ServiceModel(float(a), float(b), len(x), r_squared(y, a + b * x))
 
 
 def fit_service(trace: Trace) -> ServiceModel:

@@ -13,9 +13,15 @@ Layout (every field but ``traces`` has a default; paths are relative to the work
                  "framing":  {"mss": 1448, "tcpip_bytes": 52, "l2_bytes": 14, "headers_up": 120,
                               "headers_down": 100}},
      "verifier": {"workers": 1, "max_batch": 1, "speed": 1.0, "rpc_overhead_s": "trace",
+                  "service": "trace",         # or "batched:PATH": the engine's measured batched cost
                   "service_trace": null},     # e.g. "hlm": service times of a busy verifier for every policy
      "edge": {"compute": "trace", "speed": 1.0},
      "sweep": {"uplink_bps": [...], "rtt_s": [...], "devices": [...], "policies": [...]}}
+
+``verifier.service``: ``"trace"`` fits ``a + b * tokens`` to the replayed trace's verifier times (batches
+extrapolated: ``simulate/compute.py``); ``"batched:PATH"`` loads the batched model that
+``bench/verifier_service.py`` measured on the real engine (``simulate/batched.py``), and ``max_batch``
+then defaults to the largest batch measured.
 
 Link models: ``fixed`` (``rate_bps``), ``trace`` (``csv``: time_s,bps rows), ``wireless`` (``bandwidth_hz``,
 ``snr_db``, ``distance_m`` as a number or [min, max], ``path_loss_exponent``, ``reference_m``,
@@ -77,6 +83,7 @@ class SimConfig:
     verifier_speed: float = 1.0
     rpc_overhead_s: float | None = None  # None = from the trace (``compute.rpc_overhead``)
     service_trace: str | None = None  # fit the verifier's service time from this trace instead of the policy's
+    service_file: str | None = None  # the batched engine's measured model (``verifier.service = "batched:PATH"``)
     edge_compute: str = "trace"
     edge_speed: float = 1.0
     sweep: dict = field(default_factory=dict)
@@ -191,6 +198,22 @@ def _service_trace(f: _Fields, traces: dict) -> str | None:
     return name
 
 
+def _service(f: _Fields) -> tuple[str | None, int | None]:
+    """(batched model file or None, its largest measured batch: ``max_batch``'s default then)."""
+    value = f.get("service", "trace")
+    if value == "trace":
+        return None, None
+    if not isinstance(value, str) or not value.startswith("batched:"):
+        raise ConfigError(f"field 'verifier.service' must be \"trace\" or \"batched:PATH\", got {value!r}")
+    from simulate.batched import load_batched
+
+    path = value.removeprefix("batched:")
+    try:
+        return path, load_batched(path).max_rows
+    except ValueError as exc:
+        raise ConfigError(f"field 'verifier.service': {exc}") from None
+
+
 def _traces(f: _Fields) -> dict[str, str]:
     traces, folder = f.get("traces", None), f.get("traces_dir", None)
     if folder is not None:
@@ -237,6 +260,10 @@ def parse_config(raw) -> SimConfig:
         raise ConfigError(f"field 'policy' must be one of the traces {sorted(traces)}, got {policy!r}")
     net, ver, edge = top.sub("network"), top.sub("verifier"), top.sub("edge")
     rtt = net.number("rtt_s", 0.05)
+    service_file, measured_rows = _service(ver)
+    if service_file and ver.raw.get("service_trace") is not None:
+        raise ConfigError("field 'verifier.service_trace' fits the trace model: it cannot go with 'verifier.service' "
+                          "batched")
     config = SimConfig(
         traces=traces, policy=policy, devices=top.integer("devices", 1),
         tokens_per_device=top.integer("tokens_per_device", 200), seed=top.integer("seed", 0, low=0),
@@ -244,8 +271,8 @@ def parse_config(raw) -> SimConfig:
         loss=net.number("loss", 0.0, high=0.5), retransmit_s=net.number("retransmit_s", max(0.2, rtt)),
         uplink=_link(net.sub("uplink"), 10e6), downlink=_link(net.sub("downlink"), 100e6),
         framing=_framing(net.sub("framing")), workers=ver.integer("workers", 1),
-        max_batch=ver.integer("max_batch", 1), verifier_speed=ver.number("speed", 1.0, strict=True),
-        rpc_overhead_s=_rpc_overhead(ver), service_trace=_service_trace(ver, traces),
+        max_batch=ver.integer("max_batch", measured_rows or 1), verifier_speed=ver.number("speed", 1.0, strict=True),
+        rpc_overhead_s=_rpc_overhead(ver), service_trace=_service_trace(ver, traces), service_file=service_file,
         edge_compute=edge.choice("compute", "trace", EDGE_COMPUTE), edge_speed=edge.number("speed", 1.0, strict=True),
         sweep=_sweep(top.sub("sweep"), traces))
     for part in (net, ver, edge, top):

@@ -8,8 +8,10 @@
   produces one job per token back to back (it does not wait for the edge), each chunk goes down.
 - Uplink and downlink: processor sharing or TDMA (``simulate/links.py``), each message = its trace size
   plus framing (``simulate/framing.py``), delivered RTT/2 (+ jitter, + loss resends) after its last bit.
-- Verifier: K workers, FIFO queue, up to ``max_batch`` queued requests served together at the fitted
-  cost a + b·(tokens summed) divided by ``speed``. Each Verify round trip also pays the gRPC stacks'
+- Verifier: K workers, FIFO queue, up to ``max_batch`` queued requests served together (continuous
+  batching: whatever is queued when a worker frees up) at the model's cost divided by ``speed``: the
+  trace-fitted a + b·(tokens summed), or the batched engine's measured cost (``simulate/batched.py``:
+  taken within its token budget, split into forwards by tail length as the engine does). Each Verify round trip also pays the gRPC stacks'
   software latency (``compute.rpc_overhead``), a pure delay that occupies neither link nor worker.
 
 Protocol-v2 traces (``open_s`` on the open line; stop-and-wait or pipelined) replay the edge loop itself
@@ -41,6 +43,7 @@ from itertools import count
 import numpy as np
 import simpy
 
+from simulate.batched import BatchedServiceModel, load_batched
 from simulate.channel import FixedRate, LinkModel, Propagation, TraceRate, Wireless, read_capacity_csv
 from simulate.compute import ServiceModel, edge_step_times, fit_service, rolled_back_times, rpc_overhead
 from simulate.config import LinkConfig, SimConfig
@@ -49,16 +52,24 @@ from simulate.loop import LoopScript, Verify, build_loop_script
 from simulate.script import Script, build_script
 from simulate.trace import Generation, Trace, load_trace
 
+Service = ServiceModel | BatchedServiceModel  # the verifier's cost: trace-fitted, or the batched engine's measured
+
 
 class Verifier:
-    """K workers over a FIFO queue; a worker takes up to ``max_batch`` waiting requests at once."""
+    """K workers over a FIFO queue. A free worker takes the oldest request and, after it, every queued one
+    while the batch stays within ``max_batch`` requests and their new tokens within the model's budget, has
+    the model split that into forwards (``model.plan``) and runs them one after the other, each costing
+    ``model.batch_time(its tails)``: ``cloud/batching.py``'s rule for the measured batched model; one forward
+    and no token budget for the trace-fitted one."""
 
-    def __init__(self, env: simpy.Environment, model: ServiceModel, workers: int, max_batch: int, speed: float):
+    def __init__(self, env: simpy.Environment, model: Service, workers: int, max_batch: int, speed: float):
         self.env, self.model, self.max_batch, self.speed = env, model, max_batch, speed
+        self.budget = model.max_batch_tokens
         self.free, self.workers = workers, workers
         self.queue: deque = deque()
         self.busy_s = 0.0
         self.jobs = 0
+        self.batches = 0  # forwards
 
     def submit(self, tokens: int) -> simpy.Event:
         done = self.env.event()
@@ -66,20 +77,40 @@ class Verifier:
         self._dispatch()
         return done
 
+    def _take(self) -> list:
+        batch, skipped = [self.queue.popleft()], []
+        total = batch[0][0]
+        while self.queue and len(batch) < self.max_batch:
+            job = self.queue.popleft()
+            if total + job[0] <= self.budget:
+                batch.append(job)
+                total += job[0]
+            else:  # too long to join: it keeps its place for the next take
+                skipped.append(job)
+        self.queue.extendleft(reversed(skipped))
+        return batch
+
     def _dispatch(self) -> None:
         while self.free and self.queue:
-            batch = [self.queue.popleft() for _ in range(min(self.max_batch, len(self.queue)))]
-            seconds = self.model.time(sum(t for t, _ in batch)) / self.speed
+            taken = self._take()
             self.free -= 1
-            self.busy_s += seconds
-            self.jobs += len(batch)
-            self.env.timeout(seconds).callbacks.append(lambda _ev, b=batch: self._finish(b))
+            self.jobs += len(taken)
+            groups = self.model.plan([t for t, _ in taken])
+            end = 0.0
+            for k, group in enumerate(groups):
+                forward = [taken[i] for i in group]
+                end += self.model.batch_time([t for t, _ in forward]) / self.speed
+                last = k == len(groups) - 1  # the worker frees when its last forward ends
+                self.env.timeout(end).callbacks.append(lambda _ev, f=forward, last=last: self._finish(f, last))
+            self.batches += len(groups)
+            self.busy_s += end
 
-    def _finish(self, batch: list) -> None:
-        self.free += 1
-        for _, done in batch:
+    def _finish(self, forward: list, last: bool) -> None:
+        for _, done in forward:
             done.succeed()
-        self._dispatch()
+        if last:
+            self.free += 1
+            self._dispatch()
 
 
 def make_link_model(link: LinkConfig, devices: int, rng: np.random.Generator) -> LinkModel:
@@ -343,13 +374,15 @@ class Simulation(_LoopReplay):
     """One run of one configuration; ``run()`` returns the metrics. ``recorded=True``: the trace at its own
     round trips (see the module docstring); links and verifier are then unused."""
 
-    def __init__(self, config: SimConfig, trace: Trace, service: ServiceModel | None = None, recorded: bool = False):
+    def __init__(self, config: SimConfig, trace: Trace, service: Service | None = None, recorded: bool = False):
         self.config, self.trace, self.recorded = config, trace, recorded
         if recorded and (trace.mode == "stream" or any(g.mode == "hybrid" and g.open_s is None
                                                        for g in trace.generations)):
             raise ValueError("the recorded replay needs protocol-v2 edge traces (open_s, encode_s, blocked_s)")
         super().__init__(simpy.Environment(), recorded)
         self.rng = np.random.default_rng(config.seed)
+        if service is None and config.service_file:
+            service = load_batched(config.service_file)
         if service is None and config.service_trace:
             service = fit_service(load_trace(config.traces[config.service_trace], config.service_trace))
         self.service = service or fit_service(trace)
@@ -513,5 +546,5 @@ def _events_scheduled(env: simpy.Environment) -> int:
     return next(eid) if isinstance(eid, count) else 0
 
 
-def simulate(config: SimConfig, trace: Trace, service: ServiceModel | None = None) -> RunResult:
+def simulate(config: SimConfig, trace: Trace, service: Service | None = None) -> RunResult:
     return Simulation(config, trace, service).run()

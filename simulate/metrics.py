@@ -6,7 +6,8 @@
 - ``uplink_bytes_per_token``: link bytes (framing included) per generated token;
   ``uplink_grpc_bytes_per_token``: the trace's gRPC bytes only (what the edge reports).
 - utilizations: share of the makespan a link had a message in transfer (PS) or, for TDMA, the mean share
-  of each device's slot; the verifier's busy worker-seconds / (workers x makespan).
+  of each device's slot; the verifier's busy worker-seconds / (workers x makespan);
+  ``verifier_mean_batch``: requests per forward.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def summarize(sim, wall_s: float, events: int) -> dict:
         "uplink_utilization": up.link.busy_s / span if span > 0 else None,
         "downlink_utilization": down.link.busy_s / span if span > 0 else None,
         "verifier_utilization": sim.verifier.busy_s / (c.workers * span) if span > 0 else None,
+        "verifier_mean_batch": sim.verifier.jobs / sim.verifier.batches if sim.verifier.batches else None,
         "transmission_rate": sim.tokens_sent / tokens if tokens else None,
         "accuracy": sim.trace.accuracy,  # over the trace's generations: a replay cuts and repeats them
         "makespan_s": span, "events": events, "sim_wall_s": wall_s,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from simulate.batched import BatchedServiceModel, load_batched
 from simulate.config import SimConfig
 from simulate.compute import ServiceModel, fit_service
 from simulate.engine import simulate
@@ -43,8 +44,16 @@ def _service(path: str, name: str) -> ServiceModel:
     return fit_service(_trace(path, name))
 
 
-def service_for(config: SimConfig) -> ServiceModel | None:
-    """The verifier model fitted from ``verifier.service_trace`` when set (None: the policy's own trace)."""
+@lru_cache(maxsize=8)
+def _batched(path: str) -> BatchedServiceModel:
+    return load_batched(path)
+
+
+def service_for(config: SimConfig) -> ServiceModel | BatchedServiceModel | None:
+    """The batched engine's measured model (``verifier.service``) or the one fitted from ``verifier.service_trace``
+    when set (None: fitted from the policy's own trace)."""
+    if config.service_file:
+        return _batched(config.service_file)
     name = config.service_trace
     return _service(config.traces[name], name) if name else None
 

@@ -1,11 +1,11 @@
-"""How the batched engine splits the queued forwards by tail length (``cloud.batching.plan_forwards``)."""
+"""How the batched engine splits the queued forwards by tail length (``core.batch_plan.plan_forwards``)."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.batching import FORWARD_OVERHEAD_TOKENS, plan_forwards
+from core.batch_plan import FORWARD_OVERHEAD_TOKENS, MAX_ROWS, plan_forwards
 
 
 def cost(tails: list[int], groups: list[list[int]], overhead: int = FORWARD_OVERHEAD_TOKENS) -> int:
@@ -31,3 +31,8 @@ def test_a_long_prefill_is_not_padded_onto_decode_steps():
 
 def test_equal_tails_share_one_forward():
     assert plan_forwards([2] * 64, 4096) == [list(range(64))]
+
+
+def test_a_forward_holds_at_most_max_rows():
+    groups = plan_forwards([1] * 600, 10**6)
+    assert max(len(g) for g in groups) <= MAX_ROWS and sum(map(len, groups)) == 600
