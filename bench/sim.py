@@ -19,8 +19,10 @@
   (``simulate/capacity.py``). The replica is one worker taking what is queued and splitting it into forwards as
   the engine does, each at the cost measured on the real batched engine (``bench/verifier_service.py`` ->
   ``reports/sim/verifier_batched.json``, measured first if missing or if ``cloud/batching.py`` changed since:
-  ~1 min; 1 torch thread), up to the largest batch measured. ``llm-only`` is cloud-only: every token from the verifier, one batched decode step each (the ``Generate`` stream).
-  ``devices_per_replica_ratio``: default / llm-only (goal >= 10x); ``devices_per_replica_runs``: each search's
+  ~1 min; 1 torch thread), up to the largest batch measured. ``llm-only`` is cloud-only: every token from the
+  verifier, one batched decode step each (the ``Generate`` stream).
+  ``devices_per_replica_ratio``: default / llm-only (goal >= 10x); ``replica_tokens_per_s`` (and its ratio): the
+  tokens/s the replica serves at that device count; ``devices_per_replica_runs``: each search's
   probes (p99, tokens/s, mean batch); ``verifier_service``: the fitted model (coefficients, R², relative errors,
   held-out errors).
 """
@@ -71,9 +73,15 @@ def capacity(folder: Path, service: Path, policies=CAPACITY_POLICIES, tokens_per
     runs = {p: devices_per_replica(study_config(traces, p, str(service), tokens_per_device=tokens_per_device),
                                    CAPACITY_OBJECTIVE_S) for p in policies}
     found = {p: r["devices"] for p, r in runs.items()}
+    # Tokens/s one replica serves at that count: hybrid devices run far faster than cloud-only ones at the same
+    # latency objective, so the device ratio alone undersells (or oversells) what a replica delivers.
+    served = {p: (r["at_devices"] or {}).get("tokens_per_s") for p, r in runs.items()}
     measured = json.loads(service.read_text())
     return {"devices_per_replica": found,
             "devices_per_replica_ratio": found["default"] / found["llm-only"] if found.get("llm-only") else None,
+            "replica_tokens_per_s": served,
+            "replica_tokens_per_s_ratio": (served["default"] / served["llm-only"]
+                                           if served.get("default") and served.get("llm-only") else None),
             "devices_per_replica_point": {"latency_p99_s": CAPACITY_OBJECTIVE_S, "uplink_bps_per_device": 10e6,
                                           "downlink_bps_per_device": 100e6, "rtt_s": 0.05,
                                           "tokens_per_device": tokens_per_device},
@@ -169,6 +177,9 @@ def format_table(section: dict) -> str:
     ratio = section["devices_per_replica_ratio"]
     lines.append("  devices per replica (p99 <= 200 ms, 10 Mbit/s, 50 ms): " + ", ".join(f"{k} {v}" for k, v in dpr.items())
                  + (f"; default / cloud-only {ratio:.2f}x" if ratio is not None else ""))
+    served = section.get("replica_tokens_per_s_ratio")
+    if served is not None:
+        lines.append(f"  tokens/s one replica serves at those counts: default / cloud-only {served:.2f}x")
     lines.append(f"  verifier service model: {m['formula']} (R^2 {m['r2']:.3f})")
     err = section.get("validation_max_error")
     lines.append("  validation (HLM): " + (f"max error {err:.1%}" if err is not None
