@@ -80,9 +80,10 @@ class BatchingWorker:
     """The one model thread. ``batching=False`` runs every job alone (the one-at-a-time engine, kept to
     measure against); models without a batched cache layout always run alone."""
 
-    def __init__(self, model, id_space: int, device: str, max_batch_tokens: int = 4096, batching: bool = True,
-                 budget: KVBudget | None = None):
+    def __init__(self, model, id_space: int, device: str, kv_shape: tuple[int, int, int, torch.dtype] | None,
+                 max_batch_tokens: int = 4096, batching: bool = True, budget: KVBudget | None = None):
         self.model, self.id_space, self.device = model, id_space, device
+        self.kv_shape = kv_shape  # (layers, kv heads, head dim, dtype) of the batched layout; None: none
         self.max_batch_tokens = max_batch_tokens if batching else 0
         self.budget = budget or KVBudget()
         self._queue: deque[ForwardJob] = deque()
@@ -204,5 +205,3 @@ class BatchingWorker:
             if job.kv.length:
                 kv[:, :, b, :, width - job.kv.length : width] = job.kv.past()
         return kv
-
-    kv_shape: tuple[int, int, int, torch.dtype]  # set by the engine from a probe forward

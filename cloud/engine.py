@@ -88,16 +88,11 @@ class VerifierModel:
                             "logit_width": self.logit_width}
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
         self.budget = KVBudget(int(kv_budget_mb * 2**20))
+        self._kv_shape = _batched_kv_shape(self.model)  # None: sliding windows etc., one session at a time
         # One model thread runs every forward: forwards never interleave, and the per-thread state of torch's
         # CPU kernels exists once, not once per gRPC handler thread that ever verified.
-        self._worker = BatchingWorker(self.model, self.id_space, device, max_batch_tokens, batching, self.budget)
-        self._kv_shape = _batched_kv_shape(self.model)  # None: sliding windows etc., one session at a time
-        self._worker.kv_shape = self._kv_shape
-
-    @property
-    def batched(self) -> bool:
-        """Whether sessions share forwards (the model's cache fits the batched layout and batching is on)."""
-        return self._kv_shape is not None and self._worker.max_batch_tokens > 0
+        self._worker = BatchingWorker(self.model, self.id_space, device, self._kv_shape, max_batch_tokens, batching,
+                                      self.budget)
 
     def stats(self) -> BatchStats:
         return self._worker.stats()
