@@ -18,12 +18,17 @@ Modes (``CoarseConfig.mode``):
 
 Randomness is keyed by (seed, position) as in the token-level loop, so runs are reproducible. The SLM's
 cache follows the agreed text: tokens that came from the verifier are fed in one forward.
+
+With ``trace``, a generation is written as the simulator replays it (``proto/trace.py``, mode ``coarse``):
+the open line, a token line per SLM draft and a span/step/block line per round trip, in the order they
+happened, then the close line. The lines are kept in memory and written at the end, as the token loop does.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
 
 import numpy as np
 
@@ -32,7 +37,9 @@ from edge.hybrid import HybridConfig, SessionOpener, Streams, Verifier, draft_st
 from edge.model import EdgeModel
 from edge.uncertainty import get_estimator
 from proto import hybrid_pb2 as pb
+from proto import trace as tr
 from proto.payload import encode
+from proto.trace import RoundTripRecord, TokenRecord
 
 SPAN_MODES = ("span-uncertainty", "span-learned")
 STEP_MODES = ("step-judge", "step-exact")
@@ -87,7 +94,7 @@ class _CoarseLoop:
     """One generation: the agreed tokens, the ids kept since the last Verify, the SLM fed up to the text."""
 
     def __init__(self, model: EdgeModel, prompt: list[int], config: CoarseConfig, seed: int | None,
-                 verifier: Verifier | None, logits: np.ndarray, result: CoarseResult):
+                 verifier: Verifier | None, logits: np.ndarray, result: CoarseResult, record: bool = False):
         self.model, self.prompt, self.config, self.verifier, self.result = model, prompt, config, verifier, result
         self.hc = config.hybrid
         self.estimator = get_estimator(self.hc.estimator, k=self.hc.samples)
@@ -97,6 +104,11 @@ class _CoarseLoop:
         self.epoch = 0
         self.logits = logits  # the SLM's logits after the fed text
         self.ends = set(config.step_end_ids) | set(model.eos_ids)
+        # trace: (TokenRecord, step index) per draft and RoundTripRecord per Verify, in order (None: not recording)
+        self.log: list | None = [] if record else None
+        self.drafts: list[TokenRecord] = []  # the drafts' records, in drafting order
+        self.step_index: int | None = None  # the drafted step under way (step modes)
+        self.owed: RoundTripRecord | None = None  # the last round trip, until the SLM has fed what it settled
 
     # -- shared steps ------------------------------------------------------------------------------------
     def position(self) -> int:
@@ -118,22 +130,73 @@ class _CoarseLoop:
             self.model.runtime.truncate(length)
 
     def draft(self):
+        t0 = time.perf_counter()
         self.feed()
+        t1 = time.perf_counter()
         logits = self.logits
         if self.config.marker_id is not None and (self.verifier is None or self.verifier.lost):
             logits = logits.copy()  # no one to offload to: the marker is not a token of the text
             logits[self.config.marker_id] = -np.inf
-        return draft_step(logits, self.hc, self.estimator, self.streams, self.position())
+        d = draft_step(logits, self.hc, self.estimator, self.streams, self.position())
+        if self.log is not None:
+            start = t0
+            if self.owed is not None:  # the feed was the SLM's forward over what the last verdict settled
+                self.owed.prefill_s, self.owed, start = t1 - t0, None, t1
+            record = TokenRecord.kept(self.position(), d.token, d.u, d.p_tilde.prob(d.token), time.perf_counter() - start)
+            self.drafts.append(record)
+            self.log.append((record, self.step_index))
+        return d
 
-    def ask(self, block=(), span: pb.SpanRequest | None = None, step: pb.StepToJudge | None = None) -> VerdictResult:
-        """One round trip: Verify{pending, ...} and its verdict."""
+    def mark_sent(self, count: int) -> list[TokenRecord]:
+        """The last ``count`` drafts went up in the next message (trace only); their records."""
+        if self.log is None:
+            return []
+        records = self.drafts[len(self.drafts) - count:]
+        for record in records:
+            record.sent = True
+        return records
+
+    def ask(self, block=(), span: pb.SpanRequest | None = None, step: pb.StepToJudge | None = None,
+            t_build: float | None = None) -> VerdictResult:
+        """One round trip: Verify{pending, ...} and its verdict (``t_build``: when building the message began)."""
         start = self.position() - len(self.pending)
+        t_submit = time.perf_counter()
         self.verifier.submit(list(self.pending), start, self.epoch, list(block), span=span, step=step)
+        t_sent = time.perf_counter()
         verdict = self.verifier.next_verdict()
+        if self.log is not None:
+            self.log_round_trip(verdict, start, len(self.pending), block, step, t_sent - (t_build or t_submit))
         self.pending = []
         self.epoch = verdict.epoch
         self.result.round_trips += 1
         return verdict
+
+    def log_round_trip(self, verdict: VerdictResult, start: int, pending: int, block, step, encode_s: float) -> None:
+        kind = "block" if block else "step" if step is not None else "span"
+        record = RoundTripRecord(
+            kind, start + pending, pending, verdict.uplink_bytes, verdict.downlink_bytes, verdict.server_seconds,
+            verdict.queue_seconds, verdict.wait_seconds, encode_s, 0.0, len(verdict.span_ids),
+            step_tokens=len(step.step_ids) if kind == "step" else 0, block_tokens=len(block),
+            accepted=(verdict.step_accepted if kind == "step" else verdict.accepted if kind == "block" else None),
+            accepted_count=verdict.accepted_count if kind == "block" else 0, step_index=self.step_index)
+        self.log.append(record)
+        self.owed = record
+
+    def write_trace(self, trace: TextIO, open_s: float, open_bytes: tuple[int, int]) -> None:
+        """The generation's lines (``proto/trace.py``, mode coarse; local when no verifier was there);
+        ``open_bytes``: the session's (uplink, downlink) bytes right after it opened."""
+        hc, r, v = self.hc, self.result, self.verifier
+        tr.write_open(trace, len(self.prompt), hc.estimator, asdict(hc.codec), hc.threshold, hc.settings.temperature,
+                      v is not None, *open_bytes, mode="coarse" if v is not None else None, open_s=open_s,
+                      collab=self.config.mode)
+        for entry in self.log:
+            if isinstance(entry, RoundTripRecord):
+                tr.write_round_trip(trace, entry)
+            elif v is not None:
+                tr.write_coarse_token(trace, *entry)
+            else:
+                tr.write_token(trace, entry[0])
+        tr.write_close(trace, len(r.token_ids), r.uplink_bytes, r.downlink_bytes, r.seconds, r.text)
 
     def span_request(self) -> pb.SpanRequest:
         room = self.hc.max_new_tokens - len(self.tokens)
@@ -151,6 +214,8 @@ class _CoarseLoop:
             self.tokens.append(d.token)
             self.pending.append(d.token)
             return
+        for record in self.mark_sent(1):
+            record.rolled_back = True  # the trigger's draft is dropped
         verdict = self.ask(span=self.span_request())  # the draft is dropped: the LLM writes from here
         self.result.sent_positions += 1  # the trigger position
         self.tokens.extend(verdict.span_ids)
@@ -169,6 +234,8 @@ class _CoarseLoop:
         return drafts
 
     def step(self) -> None:
+        if self.log is not None:
+            self.step_index = 0 if self.step_index is None else self.step_index + 1
         start = len(self.tokens)
         drafts = self.draft_a_step()
         if self.config.mode == "step-judge":
@@ -181,10 +248,14 @@ class _CoarseLoop:
         if not self.online() or (self.config.gated and not uncertain):
             self.pending.extend(d.token for d in drafts)
             return
+        t_build = time.perf_counter()
         del self.tokens[start:]  # the step goes up as ids; the pending ids before it stay pending
         step = pb.StepToJudge(step_ids=[d.token for d in drafts], score=self.config.judge_score,
                               threshold=self.config.judge_threshold, regenerate=self.span_request())
-        verdict = self.ask(step=step)
+        records = self.mark_sent(len(drafts))
+        verdict = self.ask(step=step, t_build=t_build)
+        for record in records:
+            record.accepted, record.rolled_back = verdict.step_accepted, not verdict.step_accepted
         self.result.sent_positions += len(drafts)
         if verdict.step_accepted:
             self.tokens.extend(d.token for d in drafts)
@@ -198,11 +269,17 @@ class _CoarseLoop:
         if first is None or not self.online():
             self.pending.extend(d.token for d in drafts)
             return
+        t_build = time.perf_counter()
         self.pending.extend(d.token for d in drafts[:first])
         sent = drafts[first:]
         del self.tokens[start + first:]
         block = [(d.token, encode(d.p_tilde, self.hc.codec, self.model.runtime.id_space)) for d in sent]
-        verdict = self.ask(block=block)
+        records = self.mark_sent(len(sent))
+        verdict = self.ask(block=block, t_build=t_build)
+        for k, record in enumerate(records):  # the accepted prefix stays; the rest was not drafted after all
+            record.accepted, record.rolled_back = k < verdict.accepted_count, k >= verdict.accepted_count
+            if k == verdict.accepted_count and not verdict.accepted:
+                record.returned = verdict.token
         self.result.sent_positions += len(sent)
         kept = [d.token for d in sent[: verdict.accepted_count]]
         self.tokens.extend(kept)
@@ -220,13 +297,14 @@ class _CoarseLoop:
 
 
 def generate_coarse(model: EdgeModel, prompt_ids: list[int], config: CoarseConfig, seed: int | None = None,
-                    open_session: SessionOpener | None = None) -> CoarseResult:
+                    open_session: SessionOpener | None = None, trace: TextIO | None = None) -> CoarseResult:
     """Generate with one of the span or step modes through the session ``open_session`` opens (SLM alone
-    without one)."""
+    without one); with ``trace``, write the generation's trace lines (mode coarse) when it ends."""
     result = CoarseResult(list(prompt_ids))
     t_start = time.perf_counter()
-    verifier, logits, _ = open_while_prefilling(model, prompt_ids, config.hybrid, open_session)
-    loop = _CoarseLoop(model, list(prompt_ids), config, seed, verifier, logits, result)
+    verifier, logits, open_s = open_while_prefilling(model, prompt_ids, config.hybrid, open_session)
+    open_bytes = (verifier.uplink_bytes, verifier.downlink_bytes) if verifier is not None else (0, 0)
+    loop = _CoarseLoop(model, list(prompt_ids), config, seed, verifier, logits, result, record=trace is not None)
     try:
         loop.run()
     finally:
@@ -238,5 +316,7 @@ def generate_coarse(model: EdgeModel, prompt_ids: list[int], config: CoarseConfi
     result.seconds = time.perf_counter() - t_start
     result.stopped_at_eos = bool(result.token_ids and result.token_ids[-1] in model.eos_ids)
     result.text = model.decode(result.token_ids)
+    if trace is not None:
+        loop.write_trace(trace, open_s, open_bytes)
     return result
 

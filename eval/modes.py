@@ -7,8 +7,9 @@ loopback, whether the mode is exact, and the paired 95% interval of its accuracy
 (the same problems and seeds: far tighter than two independent intervals). Thresholds come from the same
 calibration as ``make demo`` (the ``empirical`` rule on the default estimator), at each temperature.
 
-``sim_tokens_per_s`` (the same traffic replayed by the simulator at 10 Mbit/s, 50 ms RTT) is filled where
-the simulator replays the mode; spans and judged steps are not replayed yet, so it is null for them.
+``sim_tokens_per_s`` (the same modes' traces replayed by the simulator at 10 Mbit/s, 50 ms RTT, one device)
+is null here: eval does not import the simulator; ``make bench``'s modes section and ``python -m simulate
+modes`` fill it (``simulate/modes.py``).
 """
 
 from __future__ import annotations

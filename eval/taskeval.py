@@ -76,8 +76,9 @@ class Runner:
         return frozenset(i for text in STEP_END_TEXTS for i in self.model.encode(text, add_special_tokens=False))
 
     def coarse(self, policy: Policy, problems, threshold: float, marker_id: int | None = None,
-               progress: bool = True) -> list[ProblemRun]:
-        """Every problem through a span or step mode (``edge/coarse.py``), same seeds as ``hybrid``."""
+               progress: bool = True, trace: TextIO | None = None) -> list[ProblemRun]:
+        """Every problem through a span or step mode (``edge/coarse.py``), same seeds as ``hybrid``; with
+        ``trace``, each generation's lines (mode coarse, the simulator's input) and a task line."""
         config = policy.coarse(self.settings, threshold, self.step_end_ids(), marker_id)
         runs = []
         for i, problem in enumerate(tqdm(problems, desc=policy.name, unit="problem", leave=False,
@@ -85,8 +86,10 @@ class Runner:
             seed = self.seed + i
             t0 = time.perf_counter()
             result = generate_coarse(self.model, self.model.encode(problem.prompt), config, seed=seed,
-                                     open_session=self.session_opener(seed))
+                                     open_session=self.session_opener(seed), trace=trace)
             runs.append(ProblemRun(problem, result, time.perf_counter() - t0))
+            if trace is not None and isinstance(problem, Problem):
+                tr.write_task(trace, is_correct(problem, result.text))
         return runs
 
     def policy(self, policy: Policy, problems, threshold: float, trace: TextIO | None = None) -> dict:

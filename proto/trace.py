@@ -12,6 +12,15 @@ Three modes of generation, told apart by the ``open`` line:
 - ``local`` (``"verifier": false``): the same loop without a verifier (SLM-only).
 - ``stream`` (``"mode": "stream"``): the cloud-only baseline, the verifier's Generate stream; per token
   ``chunk_s`` (time since the previous chunk, or since the request for the first) and the chunk's bytes.
+- ``coarse`` (``"mode": "coarse"``, ``"collab"``: the span or step mode): the span/step loop
+  (``edge/coarse.py``, stop-and-wait). Its lines come in the order things happened: a ``token`` line per
+  SLM draft (``COARSE_TOKEN_FIELDS``: ``rolled_back`` when the draft did not end up in the text, ``sent``
+  when it went up in the next message, ``step_index`` the drafted step it belongs to, null in span modes),
+  and one line per round trip, of kind ``span`` (a bare span request: the LLM continues with its own
+  tokens), ``step`` (a judged step: ``step_tokens`` ids, ``accepted`` or regenerated as ``span_tokens``
+  LLM tokens) or ``block`` (``block_tokens`` drafted positions with their p~, ``accepted_count`` of them
+  accepted, the LLM's token at the first rejection): ``RoundTripRecord``, fields ``ROUND_TRIP_FIELDS``
+  plus ``STEP_FIELDS`` / ``BLOCK_FIELDS``. The text is the kept drafts and the LLM's tokens in that order.
 
 The row definitions and writers live here; ``simulate/trace.py`` reads and validates against the field
 lists below, so a field cannot be renamed on one side only. Bytes are gRPC-level wire sizes (serialized
@@ -25,13 +34,19 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TextIO
 
-KINDS = ("open", "token", "close", "task")
-MODES = ("hybrid", "local", "stream")
+ROUND_TRIP_KINDS = ("span", "step", "block")  # coarse generations: one line per Verify/Verdict round trip
+KINDS = ("open", "token", "close", "task", *ROUND_TRIP_KINDS)
+MODES = ("hybrid", "local", "stream", "coarse")
 OPEN_FIELDS = ("prompt_tokens", "uplink_bytes", "downlink_bytes")  # every open line (mode-specific extras too)
 TOKEN_FIELDS = ("position", "token", "sent", "bytes", "slm_step_s")  # hybrid/local token lines
 SENT_TOKEN_FIELDS = ("pending", "down_bytes", "server_s", "wait_s", "accepted", "returned")  # when sent
 STREAM_TOKEN_FIELDS = ("position", "token", "chunk_s", "down_bytes")
 CLOSE_FIELDS = ("tokens", "uplink_bytes", "downlink_bytes", "seconds")
+COARSE_TOKEN_FIELDS = (*TOKEN_FIELDS, "rolled_back", "step_index")  # a coarse generation's SLM drafts
+ROUND_TRIP_FIELDS = ("position", "pending", "bytes", "down_bytes", "server_s", "queue_s", "wait_s", "encode_s",
+                     "prefill_s", "span_tokens")  # every span/step/block line
+STEP_FIELDS = ("step_tokens", "accepted")  # a step line also
+BLOCK_FIELDS = ("block_tokens", "accepted_count", "accepted")  # a block line also
 TASK_FIELDS = ("correct",)
 
 
@@ -81,19 +96,57 @@ class TokenRecord:
         self.target_prob = verdict.target_prob if report_target_prob else None
 
 
+@dataclass
+class RoundTripRecord:
+    """One Verify -> Verdict round trip of the span/step loop (``edge/coarse.py``), as written to a ``span``,
+    ``step`` or ``block`` line. The verifier's work follows from it (the simulator's rule): a block or a
+    judged step is one forward over the uncached ids, the pending ones and the drafts; every span token one
+    forward more."""
+
+    kind: str  # "span" | "step" | "block"
+    position: int  # absolute position of the first position the message decides (right after its pending ids)
+    pending: int  # ids kept locally since the previous message, carried up by this one
+    bytes: int  # uplink wire bytes of the Verify
+    down_bytes: int  # downlink wire bytes of its Verdict
+    server_s: float  # the verifier's own time for it (every forward it took, span tokens included)
+    queue_s: float  # the part of server_s spent waiting for the model before its first forward
+    wait_s: float  # from sending the Verify to receiving the Verdict
+    encode_s: float  # building the message (a block's p~ encoded) and submitting it
+    prefill_s: float  # the SLM's forward over what the verdict settled (LLM tokens, or the last kept draft), 0 if none
+    span_tokens: int  # LLM tokens the Verdict carried (span_ids: a requested span, or a judged step regenerated)
+    step_tokens: int = 0  # step: the drafted ids judged
+    block_tokens: int = 0  # block: the drafted positions sent with their p~
+    accepted: bool | None = None  # step: kept whole; block: every position accepted; span: None
+    accepted_count: int = 0  # block: the longest accepted prefix
+    step_index: int | None = None  # the drafted step it decides (step modes)
+
+    @property
+    def sent_positions(self) -> int:
+        """Positions sent for checking (the transmission rate's numerator): a span request counts its trigger."""
+        return {"span": 1, "step": self.step_tokens, "block": self.block_tokens}[self.kind]
+
+    @property
+    def llm_tokens(self) -> int:
+        """Tokens of the text the LLM chose: the span's, and a block's resampled token at its rejection."""
+        return self.span_tokens + int(self.kind == "block" and not self.accepted)
+
+
 def _write(out: TextIO, row: dict) -> None:
     out.write(json.dumps(row) + "\n")
 
 
 def write_open(out: TextIO, prompt_tokens: int, estimator: str, codec: dict | None, threshold: float | None,
                temperature: float, verifier: bool, uplink_bytes: int, downlink_bytes: int,
-               mode: str | None = None, lookahead: int = 0, open_s: float = 0.0) -> None:
+               mode: str | None = None, lookahead: int = 0, open_s: float = 0.0, collab: str | None = None) -> None:
     """The first line of a generation: its configuration, the Open (or request) size, and ``open_s``, the time
-    to connect and send Open (overlapped with the SLM's prefill)."""
+    to connect and send Open (overlapped with the SLM's prefill); ``collab``: a coarse generation's span or
+    step mode."""
     row = {"kind": "open", "prompt_tokens": prompt_tokens, "estimator": estimator, "codec": codec,
            "threshold": json_float(threshold), "temperature": temperature, "verifier": verifier,
            "uplink_bytes": uplink_bytes, "downlink_bytes": downlink_bytes, "lookahead": lookahead,
            "open_s": open_s}
+    if collab is not None:
+        row["collab"] = collab
     if mode is not None:
         row = {"kind": "open", "mode": mode, **{k: v for k, v in row.items() if k != "kind"}}
     _write(out, row)
@@ -103,6 +156,20 @@ def write_token(out: TextIO, record: TokenRecord) -> None:
     row = {"kind": "token", **asdict(record)}
     row["u"] = json_float(row["u"])
     _write(out, row)
+
+
+def write_coarse_token(out: TextIO, record: TokenRecord, step_index: int | None) -> None:
+    """A coarse generation's SLM draft (``rolled_back``: not in the text; ``sent``: went up in the next message)."""
+    row = {"kind": "token", **asdict(record), "step_index": step_index}
+    row["u"] = json_float(row["u"])
+    _write(out, row)
+
+
+def write_round_trip(out: TextIO, record: RoundTripRecord) -> None:
+    """A coarse generation's round trip: a ``span``, ``step`` or ``block`` line."""
+    if record.kind not in ROUND_TRIP_KINDS:
+        raise ValueError(f"round trip kind must be one of {ROUND_TRIP_KINDS}, got {record.kind!r}")
+    _write(out, asdict(record))
 
 
 def write_stream_token(out: TextIO, position: int, token: int, chunk_s: float, down_bytes: int) -> None:

@@ -6,8 +6,9 @@ Modules, one concern each: ``trace`` (load + validate against the contract in ``
 sharing / TDMA), ``compute`` (fitted service times), ``batched`` (the batched engine's measured service
 time and its batching rule), ``script`` (a generation of the earlier stop-and-wait
 edge as events), ``loop`` (a protocol-v2 generation, stop-and-wait or pipelined, as the edge loop replays
-it), ``engine`` (the SimPy model), ``metrics``, ``config``, ``study`` (runs and sweeps), ``capacity`` (devices
-per verifier replica at a latency objective), ``plots``, ``cli``.
+it), ``coarse`` (a span/step generation: spans, judged steps and blocks as round trips), ``engine`` (the SimPy
+model), ``metrics``, ``config``, ``study`` (runs and sweeps), ``capacity`` (devices per verifier replica at a
+latency objective), ``modes`` (the modes table's simulated tokens/s), ``plots``, ``cli``.
 
 ``simulate.testbed``: the real edge and verifier behind the traces and the real-link check: ``record``
 (one trace per policy from the demo pair), ``validate`` (real shaped link vs simulator), ``netns`` (two

@@ -1,4 +1,4 @@
-"""Command line of `python -m simulate`: run, sweep, record, validate.
+"""Command line of `python -m simulate`: run, sweep, record, validate, modes.
 
 Every argument and config field is validated; a user error is one line on stderr and exit status 2.
 """
@@ -65,10 +65,52 @@ def _record(args) -> int:
     from simulate.testbed.record import record_all
 
     manifest = record_all(args.out, args.problems, args.calibration_problems, args.seed, args.temperature,
-                          args.extra_thresholds)
+                          args.extra_thresholds, coarse=args.coarse)
     for name, p in manifest["policies"].items():
         print(f"{name:<16} accuracy {p['accuracy']:.3f}  threshold {p['threshold']}  {p['file']}")
     return 0
+
+
+def _modes(args) -> int:
+    """Fill ``sim_tokens_per_s`` of a modes table (``python -m eval modes`` output, or a bench report's section)."""
+    from simulate.modes import fill_rows, format_table, trace_path
+
+    try:
+        data = json.loads(args.modes.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the modes table {args.modes}: {exc}") from None
+    section = data["modes"] if isinstance(data, dict) and "rows" not in data and "modes" in data else data
+    if not isinstance(section, dict) or not isinstance(section.get("rows"), list):
+        raise UserError(f"{args.modes} holds no modes table (python -m eval modes writes one)")
+    missing = [r for r in section["rows"] if args.rerecord or not trace_path(args.traces, r).is_file()]
+    if missing:
+        _record_modes(missing, args)
+    fill_rows(section, args.traces)
+    args.modes.write_text(json.dumps(data, indent=2) + "\n")
+    print(format_table(section))
+    print(f"wrote {args.modes}")
+    return 0
+
+
+def _record_modes(rows: list[dict], args) -> None:
+    """Record the rows' traces on the first ``--problems`` held-out problems against a local verifier."""
+    from core.process import VerifierProcess
+    from core.sampling import SamplingSettings
+    from edge.client import connect
+    from edge.model import EdgeModel
+    from eval.pair import LLM_DIR, ensure_export
+    from eval.taskeval import Runner
+    from models.task import held_out_problems
+    from simulate.modes import record_rows
+
+    model = EdgeModel(ensure_export(), threads=1)
+    with VerifierProcess(str(LLM_DIR), extra_args=("--threads", "1")) as verifier:
+        channel = connect(verifier.address)
+        try:
+            record_rows(rows, lambda t: Runner(model, channel, SamplingSettings(temperature=t), args.seed),
+                        held_out_problems(args.problems), args.traces)
+        finally:
+            channel.close()
 
 
 def _validate(args) -> int:
@@ -96,7 +138,20 @@ def build_parser() -> OneLineParser:
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--extra-thresholds", type=_float_list, default=[0.06, 0.2],
                    help="comma-separated extra thresholds for the default policy (default@U traces)")
+    p.add_argument("--coarse", action="store_true", help="also the span and step modes (route coarse)")
     p.set_defaults(func=_record)
+    p = sub.add_parser("modes", help="fill sim_tokens_per_s of a modes table: each row's mode recorded on a few "
+                                     "problems and replayed at 10 Mbit/s, 50 ms RTT, one device")
+    p.add_argument("--modes", type=Path, default=Path("reports/modes.json"),
+                   help="the table (python -m eval modes output, or a bench report with a 'modes' section); "
+                        "rewritten with the figures")
+    p.add_argument("--traces", type=Path, default=Path("reports/sim/modes_traces"),
+                   help="one trace per row (MODE@T<temperature>.jsonl); missing ones are recorded (demo pair, "
+                        "a local verifier)")
+    p.add_argument("--problems", type=positive_int, default=20, help="held-out problems recorded per row")
+    p.add_argument("--seed", type=_seed, default=0, help="the table's seed (python -m eval modes --seed)")
+    p.add_argument("--rerecord", action="store_true", help="record every row again, not only the missing ones")
+    p.set_defaults(func=_modes)
     p = sub.add_parser("validate", help="real edge + verifier in two network namespaces over a shaped veth "
                                         "vs the simulator (root)")
     p.add_argument("--out", type=Path, default=Path("reports/sim/validation"))

@@ -6,7 +6,10 @@ squares as ``a + b * tokens`` with tokens = prompt + pending on a session's firs
 afterwards (``Generation.prefilled``). The wait for the model worker (``queue_s``, where recorded) is
 the simulator's own queue to model: each sample has it replaced by the trace's median wait (the
 hand-off to the worker thread, ~0.1 ms in a single-session recording), so contention a recording saw
-(other sessions, a starved thread) is not counted twice. The cloud-only baseline is fitted the same way from its chunk
+(other sessions, a starved thread) is not counted twice. Span and step round trips (coarse traces) take
+several forwards (``trace.coarse_forwards``: a span of k tokens is k forwards); with them in the trace the
+fit is ``a * forwards + b * tokens`` over every Verify (a token-level Verify is one forward), the same
+per-forward model ``a + b * tokens``. The cloud-only baseline is fitted the same way from its chunk
 inter-arrival times at the client (first chunk: prompt prefill; later: one token each). A batch of
 requests served together costs ``a + b * (their tokens summed)``: the fixed cost is paid once. That
 batching rule is the model's extrapolation (traces are recorded one session at a time, so they cannot
@@ -59,11 +62,31 @@ class ServiceModel:
                 "r2": self.r2}
 
 
+def _handoff(trace: Trace) -> float:
+    """The trace's median wait for the model worker over every Verify (token-level and coarse)."""
+    waits = [g.queue_s[g.sent] for g in trace.generations if g.mode == "hybrid" and g.sent.any()]
+    waits += [g.coarse.queue_s for g in trace.generations if g.coarse is not None and g.coarse.rounds]
+    return float(np.median(np.concatenate(waits))) if waits else 0.0
+
+
+def coarse_service_samples(trace: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(forwards, tokens fed, seconds) per span/step/block Verify of the trace's coarse generations."""
+    handoff = _handoff(trace)
+    forwards, tokens, seconds = [], [], []
+    for g in trace.generations:
+        if g.coarse is None:
+            continue
+        c = g.coarse
+        forwards += [len(t) for t in c.tails]
+        tokens += [sum(t) for t in c.tails]
+        seconds += list(c.server_s - c.queue_s + handoff)
+    return np.array(forwards, dtype=float), np.array(tokens, dtype=float), np.array(seconds, dtype=float)
+
+
 def service_samples(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """(tokens prefilled, seconds) per verifier call of the trace; empty for SLM-only."""
     xs, ys = [], []
-    waits = [g.queue_s[g.sent] for g in trace.generations if g.mode == "hybrid" and g.sent.any()]
-    handoff = float(np.median(np.concatenate(waits))) if waits else 0.0
+    handoff = _handoff(trace)
     for g in trace.generations:
         if g.mode == "hybrid" and g.sent.any():
             xs.append(g.prefilled()[g.sent])
@@ -108,7 +131,18 @@ def fit_line(x: np.ndarray, y: np.ndarray) -> ServiceModel:
 
 
 def fit_service(trace: Trace) -> ServiceModel:
-    return fit_line(*service_samples(trace))
+    """The trace's verifier cost per forward, ``a + b * tokens`` (module docstring)."""
+    x, y = service_samples(trace)
+    forwards, tokens, seconds = coarse_service_samples(trace)
+    if not len(forwards) or not np.any(forwards != 1):
+        return fit_line(np.concatenate([x, tokens]), np.concatenate([y, seconds]))
+    f = np.concatenate([np.ones_like(x), forwards])  # [S] forwards per Verify
+    t = np.concatenate([x, tokens])  # [S] tokens they fed
+    y = np.concatenate([y, seconds])  # [S]
+    if len(y) < 2:
+        return ServiceModel(float(y.sum() / f.sum()), 0.0, len(y), None)
+    a, b = nonneg_lstsq(np.column_stack([f, t]), y)
+    return ServiceModel(float(a), float(b), len(y), r_squared(y, a * f + b * t))
 
 
 def rpc_overhead(trace: Trace) -> float:
@@ -119,7 +153,7 @@ def rpc_overhead(trace: Trace) -> float:
     network it would include the network, so give ``verifier.rpc_overhead_s`` as a number instead. In a
     pipelined generation only the verdicts the loop blocked for count (one taken at a later poll, or
     queued behind the session's earlier Verifies, waited for more than the stacks)."""
-    diffs = []
+    diffs = [g.coarse.wait_s - g.coarse.server_s for g in trace.generations if g.coarse is not None]
     for g in trace.generations:
         if g.mode != "hybrid" or not g.sent.any():
             continue
@@ -127,7 +161,8 @@ def rpc_overhead(trace: Trace) -> float:
         if g.lookahead and (g.sent & (g.blocked_s > 0)).any():
             mask = g.sent & (g.blocked_s > 0)
         diffs.append(g.wait_s[mask] - g.server_s[mask])
-    return max(0.0, float(np.median(np.concatenate(diffs)))) if diffs else 0.0
+    diffs = np.concatenate(diffs) if diffs else np.zeros(0)
+    return max(0.0, float(np.median(diffs))) if len(diffs) else 0.0
 
 
 # The smallest message limit a verifier may set (``edge.client.MIN_MESSAGE_LIMIT``, protobuf bytes): a larger
@@ -170,11 +205,11 @@ def _slm_steps(trace: Trace, mode: str) -> tuple[list[np.ndarray], float | None]
         return [g.step_s for g in trace.generations], None
     # the first step of an older trace also prefilled the prompt: keep its own median apart from the decode steps'
     first = float(np.median([g.step_s[0] for g in trace.generations]))
-    rest = [g.step_s[1:] for g in trace.generations if g.tokens > 1]
+    rest = [g.step_s[1:] for g in trace.generations if len(g.step_s) > 1]  # coarse: [D] per draft
     step = float(np.median(np.concatenate(rest))) if rest else first
     out = []
     for g in trace.generations:
-        times = np.full(g.tokens, step)
+        times = np.full(len(g.step_s), step)
         times[0] = first
         out.append(times)
     return out, step

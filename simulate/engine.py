@@ -23,6 +23,12 @@ A device's messages leave in order (one TCP connection: a message starts when th
 bit has left) and the verifier serves a session's Verifies in order (one stream). Older traces (no
 ``open_s``) replay as before: the Open handshake first, one Verify at a time.
 
+Coarse traces (spans and judged steps, ``edge/coarse.py``; ``simulate/coarse.py``) replay the span/step loop,
+stop-and-wait, with the same Open: the edge's work up to each round trip is one delay, the Verify goes up,
+the verifier runs its forwards one after the other (a span of k tokens is k forwards, each a job that queues
+and batches with other sessions'), the Verdict comes down, and the edge prefills what it settled before it
+drafts on.
+
 Per-token latency = from the start of a token's draft to its commit (v2 traces; the first token of a
 generation from the start of the generation). For older traces: time between a token's commit and the
 previous one's on the same device (the first token from the start of its handshake); with one Verify at
@@ -45,6 +51,7 @@ import simpy
 
 from simulate.batched import BatchedServiceModel, load_batched
 from simulate.channel import FixedRate, LinkModel, Propagation, TraceRate, Wireless, read_capacity_csv
+from simulate.coarse import CoarseScript, build_coarse_script
 from simulate.compute import ServiceModel, edge_step_times, fit_service, rolled_back_times, rpc_overhead
 from simulate.config import LinkConfig, SimConfig
 from simulate.links import PSLink, TDMALinks
@@ -333,6 +340,69 @@ class _LoopReplay:
         if s.close_up[0] and not self.recorded:
             self.up.send(env, d, s.close_up[0])  # Close, after the last verdict; nobody waits for it
 
+    def _open_session(self, d: int, s: LoopScript | CoarseScript) -> _Session:
+        """v2 edge: Open goes up (now, ``open_s`` into the generation); nobody waits for Opened but a Verify too
+        large to go before it."""
+        if self.recorded:
+            return _Session(None, None)
+        arrived = self.up.send(self.env, d, s.open_up[0])
+        opened = self.env.event() if s.waits_opened else None
+        arrived.callbacks.append(lambda _ev: self._opened(d, s.open_down, opened))
+        return _Session(arrived, opened)
+
+    def _coarse(self, d: int, s: CoarseScript):
+        """A coarse generation (``simulate/coarse.py``): per segment the edge's work as one delay, then its
+        round trip, stop-and-wait; the verifier's forwards one after the other."""
+        env = self.env
+        t0 = env.now
+        self.up_grpc += s.open_up[1] + s.close_up[1]
+        if s.open_s:
+            yield env.timeout(s.open_s)
+        session = self._open_session(d, s)
+        if s.head_s > s.open_s:
+            yield env.timeout(s.head_s - s.open_s)
+        left = s.tokens  # latencies still to record (a cut or truncated generation records no more)
+
+        def record(latency: np.ndarray) -> None:
+            nonlocal left
+            taken = latency[:left]
+            left -= len(taken)
+            self.static_latency.append(taken)
+
+        for k, seg in enumerate(s.segments):
+            t_seg = env.now
+            if seg.busy_s:
+                yield env.timeout(seg.busy_s)
+            latency = seg.static_latency
+            if k == 0 and seg.first_static >= 0:  # the first token counts from the start of the generation
+                latency = latency.copy()
+                latency[seg.first_static] += t_seg - t0
+            record(latency)
+            r = seg.round
+            if r is None:
+                continue
+            if r.waits_opened and session.opened is not None and not session.opened.processed:
+                yield session.opened  # submit() reads the verifier's message limit from Opened first
+            self.up_grpc += r.up_grpc
+            self.tokens_sent += r.sent
+            if self.recorded:
+                yield env.timeout(r.wait_s)
+            else:
+                yield self.up.send(env, d, r.up_wire)
+                if session.served is not None and not session.served.processed:
+                    yield session.served  # the Open before it
+                session.served = None
+                for tail in r.tails:  # each forward queues and batches on its own, as the engine's do
+                    yield self.verifier.submit(tail)
+                yield self.down.send(env, d, r.down_wire, self.rpc_s)
+            if len(seg.verdict_start):
+                starts = t_seg + seg.verdict_start
+                if k == 0:
+                    starts[seg.verdict_start == 0] = t0
+                record(env.now - starts)
+        if s.close_up[0] and not self.recorded:
+            self.up.send(env, d, s.close_up[0])  # Close, after the last verdict; nobody waits for it
+
     def _opened(self, d: int, nbytes: int, opened: simpy.Event | None) -> None:
         """The verifier answers Open as it arrives (no forward pass): Opened down."""
         done = self.down.send(self.env, d, nbytes, self.rpc_s)
@@ -399,6 +469,7 @@ class Simulation(_LoopReplay):
         self.compute, self.rolled = compute, rolled
         sent = [g.wait_s[g.sent] - g.server_s[g.sent] for g in trace.generations if g.mode == "hybrid"]
         self.stale_rtt_s = max(0.0, float(np.median(np.concatenate(sent)))) if sent and sum(map(len, sent)) else 0.0
+        self.speed = speed
         self.heads = [self._head(g, speed) for g in trace.generations]
         self.scripts = [self._build(i) for i in range(len(trace.generations))]
         self._cut: dict[tuple[int, int], Script | LoopScript] = {}
@@ -419,8 +490,11 @@ class Simulation(_LoopReplay):
             untimed = max(0.0, g.seconds - g.open_s - recorded_loop_seconds(g, self.config.framing, self.stale_rtt_s))
         return g.open_s + untimed / speed
 
-    def _build(self, index: int, tokens: int | None = None) -> Script | LoopScript:
+    def _build(self, index: int, tokens: int | None = None) -> Script | LoopScript | CoarseScript:
         g = self.trace.generations[index]
+        if g.mode == "coarse":
+            return build_coarse_script(g, self.compute[index], self.heads[index], self.config.framing, self.speed,
+                                       tokens)
         if g.mode == "hybrid" and g.open_s is not None:
             return build_loop_script(g, self.compute[index], self.rolled[index], self.heads[index], self.config.framing,
                                      self.stale_rtt_s, tokens)
@@ -471,6 +545,8 @@ class Simulation(_LoopReplay):
             yield from self._stream(d, s)
         elif s.mode == "loop":
             yield from self._loop(d, s)
+        elif s.mode == "coarse":
+            yield from self._coarse(d, s)
         else:
             yield from self._hybrid(d, s)
 

@@ -1,10 +1,11 @@
 """Load and validate the JSON-lines traces the real edge records; one ``Generation`` per open…close block.
 
 The format is the contract in ``proto/trace.py`` (row definitions, writers and the field lists checked
-here): ``hybrid`` generations (the edge loop with a verifier), ``local`` ones (SLM-only) and ``stream``
-ones (the cloud-only Generate baseline), each optionally followed by a ``task`` line with the answer's
-correctness, so a run can report the trace's accuracy. Other line kinds are refused: a trace is a
-contract, not free text.
+here): ``hybrid`` generations (the edge loop with a verifier), ``local`` ones (SLM-only), ``stream``
+ones (the cloud-only Generate baseline) and ``coarse`` ones (the span/step loop: SLM drafts and span,
+step and block round trips in the order they happened, ``Generation.coarse``), each optionally followed by
+a ``task`` line with the answer's correctness, so a run can report the trace's accuracy. Other line kinds
+are refused: a trace is a contract, not free text.
 
 Two generations of the hybrid format are read: traces of the protocol-v2 edge (``open_s`` on the open
 line; ``encode_s``/``blocked_s`` per token; a pipelined one, ``lookahead`` > 0, also has rolled-back drafts)
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from proto.trace import (CLOSE_FIELDS, KINDS, MODES, OPEN_FIELDS, SENT_TOKEN_FIELDS, STREAM_TOKEN_FIELDS,
+from proto.trace import (BLOCK_FIELDS, CLOSE_FIELDS, COARSE_TOKEN_FIELDS, KINDS, MODES, OPEN_FIELDS,
+                         ROUND_TRIP_FIELDS, ROUND_TRIP_KINDS, SENT_TOKEN_FIELDS, STEP_FIELDS, STREAM_TOKEN_FIELDS,
                          TOKEN_FIELDS)
 
 # gRPC bytes of a stale Verdict (seq, stale, epoch, server_seconds: tests check it against proto/hybrid.proto);
@@ -32,6 +34,54 @@ STALE_VERDICT_BYTES = 18
 
 class TraceError(ValueError):
     """A trace file that cannot be replayed; the message names the file, line and field."""
+
+
+def coarse_forwards(kind: str, uncached: int, pending: int, decided: int, span_tokens: int) -> tuple[list[int], int]:
+    """The verifier engine's forwards for one span/step/block Verify (``cloud/engine.py``): (the tokens each
+    forward feeds, the agreed ids left uncached after it). ``uncached``: agreed ids not in the session's KV cache
+    before it (the prompt before the first forward; 1 after any, the last agreed id being fed with the next).
+
+    - block of n drafted positions: one forward over the uncached ids, the pending ones and the drafts but the
+      last (its last n rows are q at the drafted positions);
+    - judged step of n ids: the same one forward (the step's ids are scored by their rows);
+    - span of k tokens (a bare span request, or a rejected step regenerated): k forwards, the first over what is
+      uncached (for a regenerated step: its last agreed id, the step being dropped from the cache), then one per
+      token drawn."""
+    left = uncached + pending
+    tails = []
+    if kind in ("block", "step"):
+        tails.append(left + decided - 1)
+        left = 1
+    if span_tokens:
+        tails += [left] + [1] * (span_tokens - 1)
+        left = 1
+    return tails, left
+
+
+@dataclass
+class CoarseLog:
+    """A coarse generation (``edge/coarse.py``) as it happened: D SLM drafts and R round trips, in order."""
+
+    kept: np.ndarray  # [D] bool: the draft is in the text
+    draft_sent: np.ndarray  # [D] bool: the draft went up in the next message (block position, step id, span trigger)
+    draft_step: np.ndarray  # [D] int: the drafted step it belongs to, -1 in span modes (final as drafted)
+    kind: tuple[str, ...]  # [R] "span" | "step" | "block"
+    after: np.ndarray  # [R] int: drafts made before the round trip
+    up_bytes: np.ndarray  # [R] Verify gRPC bytes
+    down_bytes: np.ndarray  # [R] Verdict gRPC bytes
+    server_s: np.ndarray  # [R] the verifier's time for it (all its forwards)
+    queue_s: np.ndarray  # [R] the part of server_s waiting for the model
+    wait_s: np.ndarray  # [R] measured Verify -> Verdict round trip
+    encode_s: np.ndarray  # [R] building and submitting the Verify
+    prefill_s: np.ndarray  # [R] the SLM's forward over what its verdict settled
+    sent: np.ndarray  # [R] int: positions sent for checking
+    llm: np.ndarray  # [R] int: tokens of the text the LLM chose (span tokens, a block's resampled token)
+    tails: tuple[tuple[int, ...], ...]  # [R] the verifier's forwards: tokens each feeds (``coarse_forwards``)
+    step: np.ndarray  # [R] int: the drafted step it decides, -1 for spans
+
+    @property
+    def rounds(self) -> int:
+        return len(self.kind)
 
 
 @dataclass
@@ -64,6 +114,8 @@ class Generation:
     chains: dict | None = None  # rejected index -> [L] rolled-back rows (into rb_*) it discarded, in drafting order
     stale_verifies: int = 0  # Verifies answered stale (all of them sent by rolled-back drafts)
     stale_up_bytes: int = 0  # their uplink gRPC bytes
+    coarse: CoarseLog | None = None  # mode coarse: the drafts and round trips (``step_s`` is then [D], per draft)
+    n_tokens: int | None = None  # mode coarse: tokens of the text (the drafts kept and the LLM's)
 
     def __post_init__(self):
         t = len(self.step_s)
@@ -82,7 +134,7 @@ class Generation:
 
     @property
     def tokens(self) -> int:
-        return len(self.step_s)
+        return len(self.step_s) if self.n_tokens is None else self.n_tokens
 
     @property
     def rolled_back(self) -> int:
@@ -116,7 +168,10 @@ class Generation:
         if self.mode == "stream":
             return 0.0
         timed = float(self.step_s.sum() + self.encode_s.sum())
-        if self.open_s is None or self.lookahead == 0:
+        if self.coarse is not None:  # stop-and-wait, each round trip's encode, wait and prefill timed
+            c = self.coarse
+            timed += float(c.encode_s.sum() + c.wait_s.sum() + c.prefill_s.sum())
+        elif self.open_s is None or self.lookahead == 0:
             timed += float(self.wait_s.sum())
         else:
             timed += float(self.rb_step_s.sum() + self.rb_encode_s.sum() + self.blocked_s.sum())
@@ -162,11 +217,15 @@ class Trace:
 
     @property
     def transmission_rate(self) -> float:
-        return sum(int(g.sent.sum()) for g in self.generations) / max(self.tokens, 1)
+        """Positions sent for checking / tokens (a block counts each position, a judged step each id, a span its
+        trigger)."""
+        return sum(int(g.sent.sum()) + (int(g.coarse.sent.sum()) if g.coarse else 0)
+                   for g in self.generations) / max(self.tokens, 1)
 
     @property
     def grpc_up_bytes(self) -> int:
-        return sum(g.open_up + g.close_up + int(g.up_bytes.sum()) + g.stale_up_bytes for g in self.generations)
+        return sum(g.open_up + g.close_up + int(g.up_bytes.sum()) + g.stale_up_bytes
+                   + (int(g.coarse.up_bytes.sum()) if g.coarse else 0) for g in self.generations)
 
 
 def _num(row: dict, key: str, where: str, minimum: float = 0.0) -> float:
@@ -212,11 +271,80 @@ class _Builder:
         if self.lookahead and self.open_s is None and self.mode == "hybrid":
             raise TraceError(f"{where}: field 'open_s' is missing (a pipelined generation's replay needs the v2 "
                              "edge's timers)")
+        if self.mode == "coarse":
+            if self.open_s is None:
+                raise TraceError(f"{where}: field 'open_s' is missing (a coarse generation needs the v2 edge's timers)")
+            if self.lookahead:
+                raise TraceError(f"{where}: field 'lookahead' must be 0 in a coarse generation (stop-and-wait)")
+        self.drafts: list[tuple] = []  # coarse: (slm_step_s, kept, sent, step index) per draft
+        self.rounds: list[tuple] = []  # coarse: per round trip, see round_trip
+        self.uncached = self.prompt_tokens  # coarse: agreed ids the verifier has not fed yet (coarse_forwards)
         self.rows: list[tuple] = []
         self.extra: list[tuple] = []  # (encode_s, blocked_s, accepted) per token
         self.rolled: list[tuple] = []  # (index, slm_step_s, encode_s, where) per rolled-back draft
 
+    def coarse_token(self, row: dict, where: str) -> None:
+        _require(row, COARSE_TOKEN_FIELDS, where)
+        flags = []
+        for key in ("sent", "rolled_back"):
+            if not isinstance(row[key], bool):
+                raise TraceError(f"{where}: field '{key}' must be true or false, got {row[key]!r}")
+            flags.append(row[key])
+        step = row["step_index"]
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise TraceError(f"{where}: field 'step_index' must be null or an integer >= 0, got {step!r}")
+        _int(row, "position", where)
+        self.drafts.append((_num(row, "slm_step_s", where), not flags[1], flags[0], -1 if step is None else step))
+
+    def round_trip(self, row: dict, where: str) -> None:
+        """A coarse generation's span, step or block line: checked against the drafts it carried up."""
+        kind = row["kind"]
+        if self.mode != "coarse":
+            raise TraceError(f"{where}: a {kind} line in a {self.mode} generation (only coarse ones have them)")
+        _require(row, ROUND_TRIP_FIELDS + {"span": (), "step": STEP_FIELDS, "block": BLOCK_FIELDS}[kind], where)
+        position, pending, up, down, span = (_int(row, k, where) for k in ("position", "pending", "bytes",
+                                                                             "down_bytes", "span_tokens"))
+        server, queue, wait, encode, prefill = (_num(row, k, where) for k in ("server_s", "queue_s", "wait_s",
+                                                                             "encode_s", "prefill_s"))
+        if up == 0:
+            raise TraceError(f"{where}: field 'bytes' is 0 for a Verify")
+        if queue > server:
+            raise TraceError(f"{where}: field 'queue_s' ({queue}) is more than 'server_s' ({server}), which includes it")
+        accepted = row.get("accepted")
+        if kind != "span" and not isinstance(accepted, bool):
+            raise TraceError(f"{where}: field 'accepted' must be true or false, got {accepted!r}")
+        if kind == "span":
+            decided, llm = 1, span
+        elif kind == "step":
+            decided, llm = _int(row, "step_tokens", where), span
+            if decided == 0:
+                raise TraceError(f"{where}: field 'step_tokens' must be >= 1")
+        else:
+            decided, count = _int(row, "block_tokens", where), _int(row, "accepted_count", where)
+            if decided == 0 or count > decided or accepted != (count == decided):
+                raise TraceError(f"{where}: field 'accepted_count' ({count}) must be <= 'block_tokens' ({decided}) "
+                                 f"and equal to it exactly when 'accepted' is true")
+            llm = span + int(not accepted)
+        before = self.rounds[-1][1] if self.rounds else 0
+        went_up = [d[2] for d in self.drafts[before:]]
+        if sum(went_up) != decided or (decided and not all(went_up[-decided:])):
+            raise TraceError(f"{where}: a {kind} line sends {decided} drafted position(s) but the {sum(went_up)} "
+                             "token line(s) marked 'sent' since the previous round trip are not its last drafts")
+        kept = sum(d[1] and not d[2] for d in self.drafts[before:])  # the pending ids are the drafts kept since
+        if pending != kept:
+            raise TraceError(f"{where}: field 'pending' says {pending}, but {kept} draft(s) were kept without being "
+                             "sent since the previous round trip")
+        tails, self.uncached = coarse_forwards(kind, self.uncached, pending, decided if kind != "span" else 0, span)
+        step = row.get("step_index")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise TraceError(f"{where}: field 'step_index' must be null or an integer >= 0, got {step!r}")
+        self.rounds.append((kind, len(self.drafts), up, down, server, queue, wait, encode, prefill, decided, llm,
+                            tuple(tails), -1 if step is None else step, position))
+
     def token(self, row: dict, where: str) -> None:
+        if self.mode == "coarse":
+            self.coarse_token(row, where)
+            return
         if self.mode == "stream":
             _require(row, STREAM_TOKEN_FIELDS, where)
             self.rows.append((_num(row, "chunk_s", where), False, 0, _int(row, "down_bytes", where), 0, 0.0, 0.0))
@@ -257,7 +385,42 @@ class _Builder:
                           _int(row, "pending", where) if sent else 0, _num(row, "server_s", where) if sent else 0.0,
                           _num(row, "wait_s", where) if sent else 0.0))
 
+    def close_coarse(self, row: dict, where: str) -> Generation:
+        _require(row, CLOSE_FIELDS, where)
+        tokens = _int(row, "tokens", where)
+        kept = sum(d[1] for d in self.drafts)
+        llm = sum(r[10] for r in self.rounds)
+        if tokens == 0 or tokens != kept + llm:
+            raise TraceError(f"{where}: field 'tokens' says {tokens}, the generation's kept drafts and LLM tokens "
+                             f"make {kept + llm} (and a generation has at least one)")
+        before = self.rounds[-1][1] if self.rounds else 0
+        if any(d[2] for d in self.drafts[before:]):
+            raise TraceError(f"{where}: a token line marked 'sent' after the last round trip")
+        if not self.drafts:
+            self.drafts.append((0.0, False, False, -1))  # every token came from the verifier: nothing to replay
+        step, kept_, sent, dstep = (np.array(c) for c in zip(*self.drafts))
+        n = len(step)
+        cols = list(zip(*self.rounds)) if self.rounds else [()] * 14
+        up = np.array(cols[2], dtype=np.int64)
+        down = np.array(cols[3], dtype=np.int64)
+        log = CoarseLog(kept_.astype(bool), sent.astype(bool), dstep.astype(np.int64), tuple(cols[0]),
+                        np.array(cols[1], dtype=np.int64), up, down, *(np.array(cols[k], dtype=float) for k in range(4, 9)),
+                        np.array(cols[9], dtype=np.int64), np.array(cols[10], dtype=np.int64), tuple(cols[11]),
+                        np.array(cols[12], dtype=np.int64))
+        total_up = _int(row, "uplink_bytes", where)
+        close_up = total_up - self.open_up - int(up.sum())
+        if close_up < 0:
+            raise TraceError(f"{where}: field 'uplink_bytes' ({total_up}) is less than Open + Verify bytes")
+        open_down = self.open_down or max(0, _int(row, "downlink_bytes", where) - int(down.sum()))
+        zeros = np.zeros(n)
+        return Generation("coarse", self.prompt_tokens, self.open_up, open_down, close_up, step.astype(float),
+                          np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                          np.zeros(n, dtype=np.int64), zeros, zeros.copy(), _num(row, "seconds", where),
+                          open_s=self.open_s, coarse=log, n_tokens=tokens)
+
     def close(self, row: dict, where: str) -> Generation:
+        if self.mode == "coarse":
+            return self.close_coarse(row, where)
         _require(row, CLOSE_FIELDS, where)
         if _int(row, "tokens", where) != len(self.rows):
             raise TraceError(f"{where}: field 'tokens' says {row['tokens']}, the generation has {len(self.rows)}")
@@ -370,6 +533,8 @@ def load_trace(path: str | Path, name: str | None = None) -> Trace:
             raise TraceError(f"{where}: a {kind} line outside a generation (no open line before it)")
         elif kind == "token":
             builder.token(row, where)
+        elif kind in ROUND_TRIP_KINDS:
+            builder.round_trip(row, where)
         else:
             generations.append(builder.close(row, where))
             builder = None

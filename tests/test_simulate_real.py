@@ -24,7 +24,7 @@ def traces(tmp_path_factory, slm_onnx):
 
 def test_recorded_traces_replay_for_every_policy(traces):
     manifest = json.loads((traces / "manifest.json").read_text())
-    replayed = {name for name, p in POLICIES.items() if p.route != COARSE}  # spans and steps are not replayed yet
+    replayed = {name for name, p in POLICIES.items() if p.route != COARSE}  # coarse modes: record --coarse
     assert set(manifest["policies"]) == {*replayed, "default@0.2"}
     base = {"traces_dir": str(traces), "devices": 3, "tokens_per_device": 40,
             "network": {"rtt_s": 0.05, "uplink": {"rate_bps": 1e7}}}

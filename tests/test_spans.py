@@ -126,7 +126,7 @@ def test_step_judging_is_inexact_by_design(engine):
     picks = []
     for seed in range(200):
         state = engine.open(PROMPT, SETTINGS, CODEC, seed=seed)
-        outcome = engine.judge(state, [], Step([runner_up], "min", threshold, Span(frozenset(), 1)))
+        engine.judge(state, [], Step([runner_up], "min", threshold, Span(frozenset(), 1)))
         picks.append(state.context[len(PROMPT)])
         engine.close(state)
     assert all(p == runner_up for p in picks)

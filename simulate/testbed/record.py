@@ -4,8 +4,9 @@ The real ONNX edge (``edge/hybrid.py``) runs held-out demo problems against a re
 loopback, under every configuration of the policy table (``eval/policies.py``; same code, same calibration
 rule): slm-only, llm-only, hlm, u-hlm, cu-hlm, default and default-pipelined (the default policy drafting
 ``lookahead`` tokens past the oldest unresolved Verify: a protocol-v2 pipelined trace, with its rolled-back
-drafts), plus the default estimator at extra thresholds (``default@U``) for threshold sweeps. Each
-generation is followed by a ``task`` line (exact answer). The testbed's edge (``edge_run.py --lookahead N``)
+drafts), plus the default estimator at extra thresholds (``default@U``) for threshold sweeps; with
+``coarse`` also the span and step modes (route ``coarse``, ``edge/coarse.py``: traces of mode coarse, span,
+step and block round trips). Each generation is followed by a ``task`` line (exact answer). The testbed's edge (``edge_run.py --lookahead N``)
 records pipelined traces of any policy over a shaped link.
 
 Cloud-only (llm-only) is the verifier's own ``Generate`` stream; its trace times every chunk at the
@@ -62,9 +63,10 @@ def record_stream(channel, model, problem, settings, seed: int, out) -> bool:
     return correct
 
 
-def policies_to_record(names: tuple[str, ...], extra_thresholds: list[float]) -> list[Policy]:
-    """The named policies of the table, plus ``default`` at each extra threshold (``default@U``)."""
-    chosen = [POLICIES[n] for n in POLICIES if n in names and POLICIES[n].route != COARSE]  # not replayed yet
+def policies_to_record(names: tuple[str, ...], extra_thresholds: list[float], coarse: bool = False) -> list[Policy]:
+    """The named policies of the table (the span and step modes only with ``coarse``), plus ``default`` at each
+    extra threshold (``default@U``)."""
+    chosen = [POLICIES[n] for n in POLICIES if n in names and (coarse or POLICIES[n].route != COARSE)]
     if "default" in names:
         chosen += [POLICIES["default"].at(th) for th in extra_thresholds]
     return chosen
@@ -77,13 +79,19 @@ def record_policy(runner, policy: Policy, threshold: float, problems, path: Path
             ok = [record_stream(runner.channel, runner.model, p, runner.settings, runner.seed + i, out)
                   for i, p in enumerate(tqdm(problems, desc=policy.name, unit="problem", leave=False))]
             return sum(ok) / len(ok)
+        if policy.route == COARSE:  # the span/step loop writes its own lines (mode coarse)
+            from eval.taskeval import summarize
+
+            marker = getattr(runner.model.manifest, "offload_marker_id", None) if policy.mode == "span-learned" else None
+            return summarize(policy.name, runner.coarse(policy, problems, threshold, marker_id=marker,
+                                                        trace=out))["accuracy"]
         row = runner.policy(policy, problems, threshold, trace=out)
     return row["accuracy"]
 
 
 def record_all(out: Path, problems: int, calibration_problems: int, seed: int, temperature: float,
                extra_thresholds: list[float], policies: tuple[str, ...] = tuple(POLICIES),
-               model_dir: Path | None = None) -> dict:
+               model_dir: Path | None = None, coarse: bool = False) -> dict:
     """Record every policy's trace into ``out``; returns the manifest (also written as manifest.json)."""
     from core.process import VerifierProcess
     from core.sampling import SamplingSettings
@@ -99,7 +107,7 @@ def record_all(out: Path, problems: int, calibration_problems: int, seed: int, t
     tasks = held_out_problems(problems)
     manifest = {"problems": problems, "seed": seed, "temperature": temperature, "policies": {},
                 "command": shlex.join(["python", "-m", "simulate", *sys.argv[1:]])}
-    chosen = policies_to_record(policies, extra_thresholds)
+    chosen = policies_to_record(policies, extra_thresholds, coarse)
     with VerifierProcess(str(LLM_DIR)) as verifier:
         channel = connect(verifier.address)
         runner = Runner(model, channel, settings, seed)
