@@ -28,7 +28,7 @@ from proto.distribution import CodecSpec, Compressed
 from tests.conftest import DEMO_PAIR
 
 SETTINGS = SamplingSettings(temperature=1.0)
-PROBLEMS = 4
+PROBLEMS = 2
 
 
 @pytest.fixture(scope="module")
