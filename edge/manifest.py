@@ -46,6 +46,9 @@ class Manifest:
     # Which edge runtime runs the folder: "ort" (optimum's graph, edge/runtime.py) or "genai" (onnxruntime-genai's
     # model builder, edge/genai_runtime.py). Manifests written before genai exports existed are "ort".
     runtime: str = "ort"
+    # The id a span-learned SLM draws to hand the rest of a step to the LLM (edge/coarse.py, mode span-learned);
+    # None for any other model. An existing id of the tokenizer (inside the id space), never a token of the text.
+    offload_marker_id: int | None = None
 
     @property
     def required_files(self) -> list[str]:
@@ -102,6 +105,11 @@ def _check_fields(manifest: Manifest, path: Path) -> None:
                                f"{str(files)[:200]}")
     if manifest.runtime not in RUNTIMES:
         raise ModelFolderError(f"{path}: runtime must be one of {', '.join(RUNTIMES)}, got {str(manifest.runtime)[:50]}")
+    marker = manifest.offload_marker_id
+    if marker is not None and (isinstance(marker, bool) or not isinstance(marker, int)
+                               or not 0 <= marker < manifest.id_space):
+        raise ModelFolderError(f"{path}: offload_marker_id must be null or an integer id in 0..{manifest.id_space - 1} "
+                               f"(the id space), got {str(marker)[:50]}")
     limit = manifest.max_positions
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ModelFolderError(f"{path}: max_positions must be a positive integer or null, got {str(limit)[:50]}")

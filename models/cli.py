@@ -1,4 +1,4 @@
-"""Command line of `python -m models`: demo-pair, export, evaluate, pairs."""
+"""Command line of `python -m models`: demo-pair, export, evaluate, pairs, span-slm."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
-from core.cli import OneLineParser, UserError, positive_int, run_cli
+from core.cli import OneLineParser, UserError, non_negative_float, non_negative_int, positive_int, run_cli
 from models.registry import format_pairs
+
+COMMITTED_LLM = Path(__file__).resolve().parent / "demo_pair" / "llm"
 
 
 def _demo_pair(args) -> int:
@@ -73,6 +75,133 @@ def _pairs(args) -> int:
     return 0
 
 
+def _span_slm(args) -> int:
+    """Build (annotate, fine-tune, save, export) and/or measure a span-learned SLM (models/span_slm.py)."""
+    out, onnx_out = Path(args.out), Path(args.onnx_out)
+    control = (out.with_name(out.name + "-control"), onnx_out.with_name(onnx_out.name + "-control"))
+    if args.base_onnx is not None and not (args.base_onnx / "manifest.json").is_file():
+        raise UserError(f"--base-onnx {args.base_onnx} is not an export (no manifest.json)")
+    if not args.eval_only:
+        _build_span_slm(args, out, onnx_out, control if args.control else None)
+    else:
+        for folder in [onnx_out] + ([control[1]] if args.control else []):
+            if not (folder / "manifest.json").is_file():
+                raise UserError(f"--eval-only needs an export in {folder}: run python -m models span-slm first")
+    if args.n_eval:
+        _measure_span_slm(args, onnx_out, control[1] if args.control else None)
+    return 0
+
+
+def _span_spec(args):
+    from models.span_slm import SpanSpec
+
+    if args.min_wrong > args.samples:
+        raise UserError(f"--min-wrong {args.min_wrong} exceeds --samples {args.samples}: no step could be hard")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    return SpanSpec(problems=args.problems, samples=args.samples, min_wrong=args.min_wrong, steps=args.steps,
+                    lr=args.lr, probe=args.probe, seed=args.seed)
+
+
+def _build_span_slm(args, out: Path, onnx_out: Path, control: tuple[Path, Path] | None) -> None:
+    from models.export import ExportError, export_model
+    from models.span_slm import build_span_slm
+
+    record = build_span_slm(out, _span_spec(args), args.source, args.threads, control[0] if control else None)
+    a = record["annotation"]
+    print(f"annotated {a['problems']} training problems ({a['steps']} steps x {a['samples_per_step']} samples, "
+          f"{record['annotate_seconds']} s): step error rate {a['step_error_rate']:.3f}, hard steps "
+          f"{a['hard_steps']} ({a['hard_step_share']:.1%}), wrong samples in hard steps "
+          f"{a['wrong_in_hard_share']:.1%}; fine-tuned in {record['train_seconds']} s -> {out}")
+    try:
+        for folder, onnx in [(out, onnx_out)] + ([control] if control else []):
+            manifest = export_model(str(folder), onnx)
+            print(f"exported {folder} -> {onnx} (parity max |diff| {manifest.parity['max_abs_diff']:.2e}, "
+                  f"offload_marker_id {manifest.offload_marker_id})")
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _measure_span_slm(args, onnx_out: Path, control_onnx: Path | None) -> None:
+    import tempfile
+
+    from models.export import export_model
+    from models.span_eval import format_report, measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.base_onnx
+        if base is None:  # the SLM the span SLM was copied from, exported as the edge runs it
+            base = Path(tmp) / "base"
+            export_model(str(args.source), base)
+        report = measure(onnx_out, base, args.llm, n=args.n_eval, temperature=args.temperature, seed=args.seed,
+                         threads=args.eval_threads, ends=tuple(args.step_ends), control_onnx=control_onnx)
+    report["command"] = "python -m models " + " ".join(args.argv)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"report -> {args.report}")
+
+
+def _step_ends(text: str) -> list[str]:
+    from argparse import ArgumentTypeError
+
+    from models.span_eval import STEP_END_SETS
+
+    names = [name.strip() for name in text.split(",")]
+    if not names or any(name not in STEP_END_SETS for name in names):
+        raise ArgumentTypeError(f"must be a comma-separated list of {', '.join(STEP_END_SETS)}, got {text}")
+    return names
+
+
+def _model_folder(text: str) -> Path:
+    from argparse import ArgumentTypeError
+
+    if not (Path(text) / "config.json").is_file():
+        raise ArgumentTypeError(f"{text} is not a transformers model folder (no config.json)")
+    return Path(text)
+
+
+def _add_span_slm(sub) -> None:
+    from models.span_slm import DEFAULT_SOURCE, SpanSpec
+
+    d = SpanSpec()
+    p = sub.add_parser("span-slm", help="fine-tune a copy of the demo SLM to emit the offload marker before the steps "
+                                        "it tends to get wrong (SplitReason's SFT stage), export it, measure it")
+    p.add_argument("--out", default="build/span_slm", help="the fine-tuned transformers folder (default %(default)s)")
+    p.add_argument("--onnx-out", default="build/span_slm-onnx", help="its ONNX export (default %(default)s)")
+    p.add_argument("--source", type=_model_folder, default=DEFAULT_SOURCE,
+                   help="the SLM to copy (default: the demo SLM)")
+    p.add_argument("--problems", type=positive_int, default=d.problems,
+                   help="training-split problems to annotate (default %(default)s)")
+    p.add_argument("--samples", type=positive_int, default=d.samples,
+                   help="m: T=1 samples of each step (default %(default)s)")
+    p.add_argument("--min-wrong", type=positive_int, default=d.min_wrong,
+                   help="k: a step is hard when at least k of its m samples are wrong (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="fine-tuning steps (default %(default)s)")
+    p.add_argument("--lr", type=non_negative_float, default=d.lr, help="peak learning rate (> 0; default %(default)s)")
+    p.add_argument("--probe", action="store_true", help="the offload decision trains the marker's output row only "
+                   "(a probe on the hidden state): the SLM keeps all its skill, the marker is less precise")
+    p.add_argument("--seed", type=int, default=d.seed, help="problems, samples, batches and evaluation seeds")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads for annotation and training (default "
+                   "%(default)s: on a loaded 2-core host a second thread costs more than it brings, bench.threads)")
+    p.add_argument("--control", action="store_true", help="also fine-tune a control copy on the same rows without "
+                   "the marker (OUT-control, ONNX-OUT-control) and compare it (alone, and with span-uncertainty at "
+                   "the same offload rate)")
+    p.add_argument("--eval-only", action="store_true", help="measure an existing build (skip annotation/training)")
+    p.add_argument("--n-eval", type=non_negative_int, default=300,
+                   help="held-out problems to measure (0: skip; default %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature of the measure")
+    p.add_argument("--eval-threads", type=positive_int, default=1, help="threads of the edge runtime and verifier")
+    p.add_argument("--step-ends", type=_step_ends, default=["task"],
+                   help="span stop ids measured: task (STEP_END_TEXTS, as eval uses), all (every id holding ; or #), "
+                        "or task,all")
+    p.add_argument("--llm", type=_model_folder, default=COMMITTED_LLM, help="the verifier's model (default: demo LLM)")
+    p.add_argument("--base-onnx", type=Path, help="an existing export of --source (else exported to a temp folder)")
+    p.add_argument("--report", type=Path, default=Path("reports/span_slm.json"),
+                   help="where the measure is written (default %(default)s)")
+    p.set_defaults(func=_span_slm)
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m models", description=__doc__, formatter_class=RawDescriptionHelpFormatter,
                            epilog="Known real pairs (python -m models pairs):\n" + format_pairs())
@@ -101,8 +230,14 @@ def build_parser() -> OneLineParser:
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("pairs", help="list known real model pairs that share a tokenizer")
     p.set_defaults(func=_pairs)
+    _add_span_slm(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv)
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    parser.set_defaults(argv=argv)  # recorded in reports (the command that made them)
+    return run_cli(parser, argv)

@@ -8,7 +8,8 @@ Options: ``fp16`` (float16 weights and compute, fp32 inputs/outputs so the edge 
 decoding slower). Afterwards ONNX logits are compared with PyTorch's on a few prompts, through the edge's
 own runtime (prefill and a KV-cached decode step), over every logit row; the export fails above a
 tolerance. The manifest records the model's logit width and the tokenizer's id space N (the edge slices
-logits to N); a model with fewer rows than N is refused.
+logits to N); a model with fewer rows than N is refused. A span-learned SLM's folder names its offload marker
+in ``span_marker.json`` (``models/span_marker.py``); the manifest copies it as ``offload_marker_id``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cloud.attention import attn_implementation
 from edge.manifest import Manifest
 from edge.runtime import OnnxCausalLM
 from models.metadata import eos_token_ids, external_data_files, max_positions
+from models.span_marker import MARKER_FILE, read_marker_id
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
 MODEL_FILE = "model.onnx"
@@ -119,6 +121,19 @@ def _opset(path: Path) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def offload_marker_id(model_source: str, n: int) -> int | None:
+    """The offload marker a span-learned SLM's folder declares (``span_marker.json``), checked against the id
+    space ``n``; None for a folder without one or a hub id."""
+    try:
+        marker = read_marker_id(model_source) if Path(model_source).is_dir() else None
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if marker is not None and not 0 <= marker < n:
+        raise ExportError(f"{Path(model_source) / MARKER_FILE}: offload_marker_id {marker} is outside the id space "
+                          f"0..{n - 1}")
+    return marker
+
+
 def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) -> Manifest:
     """Export ``model`` into ``out`` (model.onnx, tokenizer, manifest.json); returns the manifest."""
     if fp16 and int8:
@@ -168,6 +183,7 @@ def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) 
             parity=parity,
             external_data=external_data_files(onnx_path),
             max_positions=max_positions(config),
+            offload_marker_id=offload_marker_id(model, n),
         )
         manifest.save(staging)
         if out.exists():

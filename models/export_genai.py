@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from edge.manifest import Manifest
-from models.export import PARITY_PROMPTS, ExportError, _opset, parity_check
+from models.export import PARITY_PROMPTS, ExportError, _opset, offload_marker_id, parity_check
 from models.metadata import eos_token_ids, external_data_files, max_positions
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
@@ -139,6 +139,7 @@ def export_genai(model: str, out: Path, precision: str = "fp32") -> Manifest:
             external_data=external_data_files(staging / MODEL_FILE),
             max_positions=max_positions(config),
             runtime="genai",
+            offload_marker_id=offload_marker_id(model, n),
         )
         manifest.save(staging)
         if out.exists():
