@@ -337,6 +337,8 @@ def finetune(model, rows, marker_id: int, pad_id: int, spec: SpanSpec, progress:
     import torch
     from tqdm import tqdm
 
+    from models.train import optimizer_step
+
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     head_ids = head_ids_of(rows, marker_id)
@@ -350,12 +352,7 @@ def finetune(model, rows, marker_id: int, pad_id: int, spec: SpanSpec, progress:
         batch = [rows[i] for i in rng.integers(0, len(rows), size=spec.batch if restricted else spec.full_batch)]
         loss = sft_loss(model, batch, marker_id, pad_id, spec.marker_weight, head_ids if restricted else None,
                         spec.probe)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, spec)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss, lr_at(step, spec))
         losses.append(loss.item())
         if step % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")

@@ -86,6 +86,18 @@ def token_stream(tokenizer, n_problems: int, seed: int) -> tuple[np.ndarray, np.
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
 
+def optimizer_step(opt, model, loss, lr: float) -> None:
+    """One step at learning rate ``lr``: gradients of ``loss``, clipped to norm 1, applied."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def lr_at(step: int, spec: ModelSpec) -> float:
     """Constant, then linear decay to 0 over the last (1 - constant_share) of the budget."""
     start = int(spec.constant_share * spec.steps)
@@ -130,12 +142,7 @@ def train_one(spec: ModelSpec, tokenizer_dir: str, out_dir: str, position: int =
             loss = torch.nn.functional.cross_entropy(logits, remap[y])
         else:
             loss = torch.nn.functional.cross_entropy(head(hidden), y)  # [M, 32000]: real tails
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, spec)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss, lr_at(step, spec))
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
