@@ -23,7 +23,8 @@ from edge.coarse import CoarseResult, generate_coarse
 from edge.hybrid import HybridConfig, HybridResult, generate_hybrid
 from edge.model import EdgeModel
 from eval.policies import COARSE, GENERATE, LOCAL, Policy
-from models.task import MAX_SOLUTION_TOKENS, STEP_END_TEXTS, Problem, held_out_problems, is_correct, sample_problems
+from models.span_marker import step_end_ids
+from models.task import MAX_SOLUTION_TOKENS, Problem, held_out_problems, is_correct, sample_problems
 from proto import trace as tr
 
 CALIBRATION_SEED = 777  # training-split problems for calibration (held-out problems are for testing)
@@ -72,8 +73,9 @@ class Runner:
         return runs
 
     def step_end_ids(self) -> frozenset[int]:
-        """The ids that end a worked step of the task (span offload and step judging split there)."""
-        return frozenset(i for text in STEP_END_TEXTS for i in self.model.encode(text, add_special_tokens=False))
+        """The ids that end a worked step of the task (span offload and step judging split there): every id
+        whose text holds ``;`` or ``#``, the BPE's merged ``;-`` and `` #-`` included."""
+        return step_end_ids(self.model.tokenizer)
 
     def coarse(self, policy: Policy, problems, threshold: float, marker_id: int | None = None,
                progress: bool = True, trace: TextIO | None = None) -> list[ProblemRun]:
