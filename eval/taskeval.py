@@ -23,7 +23,7 @@ from edge.coarse import CoarseResult, generate_coarse
 from edge.hybrid import HybridConfig, HybridResult, generate_hybrid
 from edge.model import EdgeModel
 from eval.policies import COARSE, GENERATE, LOCAL, Policy
-from models.span_marker import step_end_ids
+from models.span_marker import STEP_END_CHARS
 from models.task import MAX_SOLUTION_TOKENS, Problem, held_out_problems, is_correct, sample_problems
 from proto import trace as tr
 
@@ -75,7 +75,7 @@ class Runner:
     def step_end_ids(self) -> frozenset[int]:
         """The ids that end a worked step of the task (span offload and step judging split there): every id
         whose text holds ``;`` or ``#``, the BPE's merged ``;-`` and `` #-`` included."""
-        return step_end_ids(self.model.tokenizer)
+        return frozenset(i for i in range(self.model.runtime.id_space) if set(self.model.decode([i])) & STEP_END_CHARS)
 
     def coarse(self, policy: Policy, problems, threshold: float, marker_id: int | None = None,
                progress: bool = True, trace: TextIO | None = None) -> list[ProblemRun]:

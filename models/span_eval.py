@@ -13,9 +13,9 @@ Rows (each on the same held-out problems, problem ``i`` with seed ``seed + i``, 
 
 Reported per row: accuracy (with its 95% interval), the offload rate (marker draws per SLM draw and per
 generated token), the LLM's share of the tokens and round trips per token. Step ends for the spans: by
-default ``task``, only ``models/task.py`` STEP_END_TEXTS encoded (``;``, `` #``, ``#``: what the first
-measurements used); ``all`` is every id whose text holds ``;`` or ``#`` (``span_marker.step_end_ids``, what
-``eval`` uses: the BPE's merged ``;-`` and `` #-`` end a step too).
+default the ids ``eval`` uses (``models/task.py`` STEP_END_TEXTS encoded: ``;``, `` #``, ``#``); ``all`` adds
+every id whose text holds ``;`` or ``#`` (the BPE's merged ``;-`` and `` #-`` end a step too, which the default
+set misses: a span that reaches one of them runs on to the next plain step end or EOS).
 
 ``models`` may not import ``eval`` (tests/test_layout.py), so the loop over problems is written here in the
 way ``eval/taskeval.py`` ``Runner.coarse`` runs them.
@@ -37,7 +37,6 @@ from edge.client import VerifierSession, connect, generate_remote
 from edge.coarse import CoarseConfig, CoarseResult, generate_coarse
 from edge.hybrid import HybridConfig, generate_hybrid
 from edge.model import EdgeModel
-from models import span_marker
 from models.task import MAX_SOLUTION_TOKENS, STEP_END_TEXTS, held_out_problems, is_correct, sample_problems
 
 Z95 = 1.959964
@@ -72,13 +71,15 @@ class Row:
 
 
 def step_end_ids(model: EdgeModel, which: str = "task") -> frozenset[int]:
-    """The ids that end a step: ``task`` = STEP_END_TEXTS encoded, ``all`` = every id whose
+    """The ids that end a step: ``task`` = STEP_END_TEXTS encoded (as eval does), ``all`` = every id whose
     text holds a step end (``;`` or ``#``)."""
     if which not in STEP_END_SETS:
         raise ValueError(f"step ends must be one of {', '.join(STEP_END_SETS)}, got {which!r}")
     if which == "task":
         return frozenset(i for text in STEP_END_TEXTS for i in model.encode(text, add_special_tokens=False))
-    return span_marker.step_end_ids(model.tokenizer)
+    chars = set("".join(STEP_END_TEXTS).replace(" ", ""))
+    vocab = model.tokenizer.get_vocab()
+    return frozenset(i for i in vocab.values() if set(model.tokenizer.decode([i], skip_special_tokens=False)) & chars)
 
 
 def span_config(model: EdgeModel, settings: SamplingSettings, marker_id: int, ends: str = "task") -> CoarseConfig:
