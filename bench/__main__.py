@@ -117,25 +117,13 @@ def _modes_section(problems: int, command: str) -> dict:
     """``python -m eval modes`` at its defaults (T = 1 and 0, the demo pair, a local verifier, one thread each),
     then ``sim_tokens_per_s`` of every row: its mode recorded on the first ``simulate.modes.DEFAULT_PROBLEMS``
     problems (same seeds) and replayed by the simulator at 10 Mbit/s, 50 ms RTT, one device (``simulate/modes.py``)."""
-    from core.process import VerifierProcess
-    from core.sampling import SamplingSettings
-    from edge.client import connect
-    from edge.model import EdgeModel
-    from eval.modes import run_modes
-    from eval.pair import LLM_DIR, ensure_export
-    from eval.taskeval import Runner
+    from eval.modes import modes_runners, run_modes
     from models.task import held_out_problems
     from simulate.modes import DEFAULT_PROBLEMS, fill_modes
 
-    model = EdgeModel(ensure_export(), threads=1)
-    with VerifierProcess(str(LLM_DIR), extra_args=("--threads", "1")) as verifier:
-        channel = connect(verifier.address)
-        try:
-            runner_for = lambda t: Runner(model, channel, SamplingSettings(temperature=t), 0)  # noqa: E731
-            section = run_modes(runner_for, held_out_problems(problems), (1.0, 0.0), 60, command)
-            return fill_modes(section, runner_for, held_out_problems(min(problems, DEFAULT_PROBLEMS)))
-        finally:
-            channel.close()
+    with modes_runners(threads=1) as runner_for:
+        section = run_modes(runner_for, held_out_problems(problems), (1.0, 0.0), 60, command)
+        return fill_modes(section, runner_for, held_out_problems(min(problems, DEFAULT_PROBLEMS)))
 
 
 if __name__ == "__main__":

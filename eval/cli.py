@@ -10,6 +10,7 @@ from core.cli import OneLineParser, UserError, address, non_negative_float, posi
 from edge.calibration import save_calibration
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
+from eval.modes import MODES
 from proto.distribution import CODEC_NAMES
 
 
@@ -82,29 +83,18 @@ def _modes(args) -> int:
     import json
     import shlex
     import sys
-    from contextlib import ExitStack
     from pathlib import Path
 
-    from core.process import VerifierProcess
-    from core.sampling import SamplingSettings
-    from edge.client import VerifierError, connect
-    from edge.model import EdgeModel
-    from eval.modes import format_table, run_modes
-    from eval.pair import LLM_DIR, ensure_export
-    from eval.taskeval import Runner
+    from edge.client import VerifierError
+    from eval.modes import format_table, modes_runners, run_modes
     from models.task import held_out_problems
 
-    model = EdgeModel(args.model or ensure_export(), providers=args.provider, threads=args.threads)
     command = shlex.join(["python", "-m", "eval", *sys.argv[1:]])
     try:
-        with ExitStack() as stack:
-            address = args.verifier or stack.enter_context(VerifierProcess(
-                str(LLM_DIR), extra_args=("--threads", str(args.threads)))).address
-            channel = connect(address, timeout=args.timeout)
-            stack.callback(channel.close)
-            section = run_modes(lambda t: Runner(model, channel, SamplingSettings(temperature=t), args.seed),
-                                held_out_problems(args.problems), tuple(args.temperatures),
-                                args.calibration_problems, command)
+        with modes_runners(args.threads, args.provider, args.verifier, args.seed, args.timeout,
+                           args.model) as runner_for:
+            section = run_modes(runner_for, held_out_problems(args.problems), tuple(args.temperatures),
+                                args.calibration_problems, command, tuple(args.modes))
     except VerifierError as exc:
         raise UserError(str(exc)) from None
     print(format_table(section))
@@ -119,6 +109,14 @@ def _modes(args) -> int:
     for path in plot_modes(section["rows"], out.parent, frontier):
         print(f"wrote {path}")
     return 0
+
+
+def _mode_names(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if not names or unknown:
+        raise UserError(f"--modes: {text[:80]!r}: give comma-separated modes out of {', '.join(MODES)}")
+    return names
 
 
 def _temperatures(text: str) -> list[float]:
@@ -158,9 +156,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--timeout", type=non_negative_float, default=30.0)
     p.set_defaults(func=_sweep)
     p = sub.add_parser("modes", help="every collaboration mode side by side on the same problems, seeds and verifier")
-    p.add_argument("--model", help="ONNX export folder of the edge model (default: the demo SLM's export)")
+    p.add_argument("--model", help="ONNX export folder used in place of the demo SLM's export (the modes that run "
+                   "their own edge model keep it, eval/slms.py)")
     p.add_argument("--verifier", type=address, help="HOST:PORT of a verifier (default: start the demo LLM's)")
     p.add_argument("--problems", type=positive_int, default=300, help="held-out problems per mode and temperature")
+    p.add_argument("--modes", type=_mode_names, default=list(MODES),
+                   help="comma-separated modes (default: all; a missing edge model is built first)")
     p.add_argument("--temperatures", type=_temperatures, default=[1.0, 0.0], help="comma-separated (default 1,0)")
     p.add_argument("--calibration-problems", type=positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
+from core.sampling import SamplingSettings
 from eval.pair import calibrate
 from eval.policies import POLICIES
+from eval.slms import SlmCache
 from eval.taskeval import Runner
 
-MODES = ("slm-only", "llm-only", "default", "default-pipelined", "span-uncertainty", "step-judge",
-         "step-judge-gated", "step-exact")
+MODES = ("slm-only", "llm-only", "default", "default-pipelined", "span-uncertainty", "span-learned", "step-judge",
+         "step-judge-mean", "step-judge-gated", "step-exact")
 Z95 = 1.959964
 
 
@@ -42,40 +47,69 @@ def paired_diff_ci95(a: list[int], b: list[int]) -> tuple[float, float]:
     return mean, Z95 * math.sqrt(var / n)
 
 
-def run_temperature(runner: Runner, problems, temperature: float, calibration_problems: int,
+def run_temperature(runner_for: Callable, problems, temperature: float, calibration_problems: int,
                     modes: tuple[str, ...] = MODES) -> list[dict]:
-    """Every mode at one temperature, in order; llm-only first (retention needs it)."""
-    fits = calibrate(runner, calibration_problems)
-    rows = {}
+    """Every mode at one temperature, in order; llm-only first (retention needs it). ``runner_for(temperature,
+    slm)`` gives a Runner of edge model ``slm`` (``Policy.slm``) on the shared channel and seed; each edge model's
+    thresholds are calibrated on its own estimates, once."""
+    fits, rows = {}, {}
     for name in ("llm-only", *(m for m in modes if m != "llm-only")):
         policy = POLICIES[name]
-        rows[name] = runner.policy(policy, problems, policy.threshold_from(fits))
+        runner = runner_for(temperature, policy.slm)
+        if policy.calibrated and policy.slm not in fits:
+            fits[policy.slm] = calibrate(runner, calibration_problems)
+        rows[name] = runner.policy(policy, problems, policy.threshold_from(fits.get(policy.slm)))
     llm = rows["llm-only"]["accuracy"]
     out = []
     for name in modes:
-        row = rows[name]
+        row, policy = rows[name], POLICIES[name]
         diff, half = paired_diff_ci95(row["correct"], rows["default"]["correct"]) if "default" in rows else (None, None)
-        out.append({"mode": name, "temperature": temperature, "exact": POLICIES[name].exact,
-                    "threshold": POLICIES[name].threshold_from(fits) if POLICIES[name].calibrated else None,
+        out.append({"mode": name, "temperature": temperature, "exact": policy.exact, "slm": policy.slm,
+                    "threshold": policy.threshold_from(fits.get(policy.slm)) if policy.calibrated else None,
                     "accuracy": row["accuracy"], "ci95": ci95(row["correct"]),
                     "retention": row["accuracy"] / llm if llm else None,
                     "diff_vs_default": diff, "diff_vs_default_ci95": half,
                     **{k: row.get(k) for k in ("transmission_rate", "llm_token_share", "round_trips_per_token",
                                                "uplink_bytes_per_token", "downlink_bytes_per_token",
-                                               "tokens_per_s")},
+                                               "tokens_per_s", "tokens_digest")},
                     "sim_tokens_per_s": None, "problems": len(problems)})
     return out
 
 
-def run_modes(runner_for, problems, temperatures: tuple[float, ...], calibration_problems: int,
+def run_modes(runner_for: Callable, problems, temperatures: tuple[float, ...], calibration_problems: int,
               command: str, modes: tuple[str, ...] = MODES) -> dict:
-    """The section: ``runner_for(temperature)`` gives a Runner at that temperature (same channel, same seed)."""
+    """The section: ``runner_for(temperature, slm)`` gives a Runner at that temperature (same channel, same seed)."""
     load_before = list(os.getloadavg())
-    rows = [row for t in temperatures for row in run_temperature(runner_for(t), problems, t, calibration_problems,
+    rows = [row for t in temperatures for row in run_temperature(runner_for, problems, t, calibration_problems,
                                                                   modes)]
     return {"rows": rows, "problems": len(problems), "temperatures": list(temperatures), "command": command,
             "load_average": {"before": load_before, "after": list(os.getloadavg())},
             "inexact": [m for m in modes if not POLICIES[m].exact]}
+
+
+def runner_factory(slms: SlmCache, channel, seed: int) -> Callable:
+    """``runner_for(temperature, slm="demo")``: a Runner of that edge model on ``channel`` with ``seed``."""
+    def runner_for(temperature: float, slm: str = "demo") -> Runner:
+        return Runner(slms.get(slm), channel, SamplingSettings(temperature=temperature), seed)
+    return runner_for
+
+
+@contextmanager
+def modes_runners(threads: int = 1, provider: str = "auto", verifier: str | None = None, seed: int = 0,
+                  timeout: float = 30.0, demo_model: str | None = None) -> Iterator[Callable]:
+    """``runner_for`` against ``verifier`` (HOST:PORT) or a local demo-LLM verifier started here (``threads``
+    threads), each edge model loaded once (``demo_model``: another export in place of the demo SLM's)."""
+    from core.process import VerifierProcess
+    from edge.client import connect
+    from eval.pair import LLM_DIR
+
+    with ExitStack() as stack:
+        address = verifier or stack.enter_context(VerifierProcess(
+            str(LLM_DIR), extra_args=("--threads", str(threads)))).address
+        channel = connect(address, timeout=timeout)
+        stack.callback(channel.close)
+        overrides = {"demo": Path(demo_model)} if demo_model else None
+        yield runner_factory(SlmCache(threads, provider, overrides), channel, seed)
 
 
 def format_table(section: dict) -> str:

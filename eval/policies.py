@@ -37,6 +37,8 @@ class Policy:
     lookahead: int = 0  # protocol v2: tokens drafted past the oldest unresolved Verify; 0 = stop-and-wait
     mode: str = ""  # route coarse: span-uncertainty | span-learned | step-judge | step-exact
     gated: bool = False  # step-judge: send only steps with a position above the threshold
+    judge_score: str = "min"  # step-judge: the step's score, "min" or "mean" over the step of q(x)/max q
+    slm: str = "demo"  # the edge model it runs (eval/slms.py): "demo", or "span" (span-learned's marker SLM)
 
     @property
     def calibrated(self) -> bool:
@@ -65,7 +67,8 @@ class Policy:
             raise ValueError(f"policy {self.name!r} is not a span or step mode")
         hybrid = HybridConfig(threshold=threshold, estimator=self.estimator, codec=CodecSpec(self.codec),
                               settings=settings, max_new_tokens=max_new_tokens)
-        return CoarseConfig(self.mode, hybrid, step_end_ids, gated=self.gated, marker_id=marker_id)
+        return CoarseConfig(self.mode, hybrid, step_end_ids, gated=self.gated, marker_id=marker_id,
+                            judge_score=self.judge_score)
 
     def at(self, threshold: float) -> Policy:
         """The same policy at a fixed threshold, named ``name@u_th`` (threshold sweeps)."""
@@ -90,11 +93,22 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            "step (inexact: unverified SLM text)", threshold="empirical", exact=False, mode="span-uncertainty"),
     Policy("step-judge", COARSE, "SpecReason-style: every drafted step's ids are scored by the LLM, kept or "
            "regenerated (inexact by design)", threshold="empirical", exact=False, mode="step-judge"),
+    Policy("step-judge-mean", COARSE, "step-judge scoring a step by the mean of q(x)/max q instead of the min "
+           "(inexact by design)", threshold="empirical", exact=False, mode="step-judge", judge_score="mean"),
     Policy("step-judge-gated", COARSE, "step-judge, sending only steps with a position above u_th (inexact by design)",
            threshold="empirical", exact=False, mode="step-judge", gated=True),
+    Policy("span-learned", COARSE, "SplitReason-style span offload triggered by the span SLM drawing its offload "
+           "marker (python -m models span-slm; inexact: unverified SLM text)", threshold=math.inf, exact=False,
+           mode="span-learned", slm="span"),
     Policy("step-exact", COARSE, "exact step verification: from a step's first position above u_th to its end, "
            "every p~ as one block (multi-token speculative sampling)", threshold="empirical", mode="step-exact"),
 )}
+
+
+def on_slm(slm: str = "demo") -> dict[str, Policy]:
+    """The policies that run edge model ``slm``, in table order (``make demo`` and ``simulate record`` run the
+    demo SLM's; the others need their own model built first, ``eval/slms.py``)."""
+    return {name: p for name, p in POLICIES.items() if p.slm == slm}
 
 
 def get_policy(name: str) -> Policy:

@@ -77,10 +77,12 @@ class Runner:
         whose text holds ``;`` or ``#``, the BPE's merged ``;-`` and `` #-`` included."""
         return frozenset(i for i in range(self.model.runtime.id_space) if set(self.model.decode([i])) & STEP_END_CHARS)
 
-    def coarse(self, policy: Policy, problems, threshold: float, marker_id: int | None = None,
-               progress: bool = True, trace: TextIO | None = None) -> list[ProblemRun]:
+    def coarse(self, policy: Policy, problems, threshold: float, progress: bool = True,
+               trace: TextIO | None = None) -> list[ProblemRun]:
         """Every problem through a span or step mode (``edge/coarse.py``), same seeds as ``hybrid``; with
-        ``trace``, each generation's lines (mode coarse, the simulator's input) and a task line."""
+        ``trace``, each generation's lines (mode coarse, the simulator's input) and a task line. span-learned's
+        marker is the one the model's manifest declares."""
+        marker_id = self.model.manifest.offload_marker_id if policy.mode == "span-learned" else None
         config = policy.coarse(self.settings, threshold, self.step_end_ids(), marker_id)
         runs = []
         for i, problem in enumerate(tqdm(problems, desc=policy.name, unit="problem", leave=False,

@@ -94,23 +94,12 @@ def _modes(args) -> int:
 
 def _record_modes(rows: list[dict], args) -> None:
     """Record the rows' traces on the first ``--problems`` held-out problems against a local verifier."""
-    from core.process import VerifierProcess
-    from core.sampling import SamplingSettings
-    from edge.client import connect
-    from edge.model import EdgeModel
-    from eval.pair import LLM_DIR, ensure_export
-    from eval.taskeval import Runner
+    from eval.modes import modes_runners
     from models.task import held_out_problems
     from simulate.modes import record_rows
 
-    model = EdgeModel(ensure_export(), threads=1)
-    with VerifierProcess(str(LLM_DIR), extra_args=("--threads", "1")) as verifier:
-        channel = connect(verifier.address)
-        try:
-            record_rows(rows, lambda t: Runner(model, channel, SamplingSettings(temperature=t), args.seed),
-                        held_out_problems(args.problems), args.traces)
-        finally:
-            channel.close()
+    with modes_runners(threads=1, seed=args.seed) as runner_for:
+        record_rows(rows, runner_for, held_out_problems(args.problems), args.traces)
 
 
 def _validate(args) -> int:

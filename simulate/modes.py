@@ -43,8 +43,8 @@ def row_threshold(row: dict) -> float:
 
 def record_rows(rows: list[dict], runner_for: Callable, problems: list, folder: Path,
                 only_missing: bool = False) -> list[Path]:
-    """Record each row's mode on ``problems`` into its trace file (``runner_for(temperature)``: an eval Runner
-    at that temperature, the table's channel and seed)."""
+    """Record each row's mode on ``problems`` into its trace file (``runner_for(temperature, slm)``: an eval
+    Runner of the row's edge model at that temperature, the table's channel and seed)."""
     from simulate.testbed.record import record_policy
 
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,8 @@ def record_rows(rows: list[dict], runner_for: Callable, problems: list, folder: 
         path = trace_path(folder, row)
         if only_missing and path.is_file():
             continue
-        record_policy(runner_for(row["temperature"]), POLICIES[row["mode"]], row_threshold(row), problems, path)
+        policy = POLICIES[row["mode"]]
+        record_policy(runner_for(row["temperature"], policy.slm), policy, row_threshold(row), problems, path)
         written.append(path)
     return written
 

@@ -2,10 +2,10 @@
 
 import json
 
-from eval.policies import POLICIES
+from eval.policies import on_slm
 from tests.conftest import run_module
 
-CONFIGS = list(POLICIES)  # every policy of the one table is a row of the demo
+CONFIGS = list(on_slm("demo"))  # every policy of the one table that runs the demo SLM is a row of the demo
 
 
 def test_demo_writes_all_configurations(tmp_path):

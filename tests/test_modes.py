@@ -8,6 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edge.uncertainty import DEFAULT_ESTIMATOR
 from eval.modes import ci95, format_table, paired_diff_ci95
 from eval.plots import plot_modes
 
@@ -39,3 +40,34 @@ def test_two_plots_per_temperature_and_a_table_that_names_the_inexact(tmp_path):
     assert len(paths) == 4 and all(p.stat().st_size > 0 for p in paths)
     text = format_table({"rows": rows, "problems": 300, "inexact": ["step-judge"]})
     assert "step-judge" in text.splitlines()[-1] and " NO " in text
+
+
+class FakeRunner:
+    """Stands in for eval's Runner: records which edge model ran which policy at which threshold."""
+
+    def __init__(self, slm, log):
+        self.slm, self.log = slm, log
+
+    def policy(self, policy, problems, threshold):
+        self.log.append((policy.name, self.slm, threshold))
+        return {"accuracy": 0.5, "correct": [1, 0], "transmission_rate": 0.1, "llm_token_share": 0.0,
+                "round_trips_per_token": 0.1, "uplink_bytes_per_token": 1.0, "downlink_bytes_per_token": 1.0,
+                "tokens_per_s": 1.0, "tokens_digest": self.slm}
+
+
+def test_each_mode_runs_its_own_edge_model_calibrated_once(monkeypatch):
+    """span-learned runs the span SLM (no calibration: its trigger is the marker), the others the demo SLM,
+    whose thresholds are calibrated once per temperature and shared."""
+    import eval.modes as modes
+
+    calibrated, log = [], []
+    monkeypatch.setattr(modes, "calibrate", lambda runner, n: calibrated.append(runner.slm) or
+                        {DEFAULT_ESTIMATOR: {"empirical": 0.25}})
+    rows = modes.run_temperature(lambda t, slm: FakeRunner(slm, log), [object(), object()], 1.0, 4,
+                                 ("default", "span-learned", "step-exact"))
+    assert calibrated == ["demo"]
+    assert [(name, slm) for name, slm, _ in log] == [("llm-only", "demo"), ("default", "demo"),
+                                                     ("span-learned", "span"), ("step-exact", "demo")]
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["span-learned"]["slm"] == "span" and by_mode["span-learned"]["threshold"] is None
+    assert by_mode["step-exact"]["threshold"] == 0.25 and not by_mode["span-learned"]["exact"]

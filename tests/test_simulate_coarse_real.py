@@ -13,7 +13,7 @@ from core.sampling import SamplingSettings
 from edge.client import connect
 from edge.coarse import MODES
 from edge.model import EdgeModel
-from eval.policies import POLICIES
+from eval.policies import POLICIES, on_slm
 from eval.taskeval import Runner, summarize
 from models.task import held_out_problems
 from simulate.config import SimConfig
@@ -23,7 +23,7 @@ from simulate.trace import load_trace
 from tests.conftest import DEMO_PAIR
 
 THRESHOLD = 0.05  # low enough that every mode sends something on two problems
-COARSE = [name for name, p in POLICIES.items() if p.route == "coarse" and p.mode in MODES and p.mode != "span-learned"]
+COARSE = [name for name, p in on_slm("demo").items() if p.route == "coarse" and p.mode in MODES]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def recorded(tmp_path_factory, slm_onnx):
                 {"mode": "span-uncertainty", "temperature": 1.0, "threshold": THRESHOLD},
                 {"mode": "llm-only", "temperature": 1.0, "threshold": None},
                 {"mode": "slm-only", "temperature": 1.0, "threshold": None}]
-        record_rows(rows, lambda t: Runner(model, channel, SamplingSettings(temperature=t), 0), held_out_problems(2),
+        record_rows(rows, lambda t, slm="demo": Runner(model, channel, SamplingSettings(temperature=t), 0),
+                    held_out_problems(2),
                     out / "modes")
         channel.close()
     return traces, rows, out / "modes"
@@ -53,7 +54,8 @@ def recorded(tmp_path_factory, slm_onnx):
 def test_a_recorded_coarse_trace_is_the_run(recorded):
     """The trace holds what the loop did: its tokens, positions sent, round trips, bytes and wall time."""
     traces, _, _ = recorded
-    assert set(traces) == {"span-uncertainty", "step-judge", "step-judge-gated", "step-exact"}
+    assert set(traces) == {"span-uncertainty", "step-judge", "step-judge-mean", "step-judge-gated",
+                           "step-exact"}
     for name, (path, runs) in traces.items():
         trace = load_trace(path)
         row = summarize(name, runs)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.policies import COARSE, GENERATE, POLICIES, Policy
+from eval.policies import COARSE, GENERATE, POLICIES, Policy, on_slm
 
 DEFAULT_OUT = Path("reports/sim/traces")
 
@@ -66,7 +66,7 @@ def record_stream(channel, model, problem, settings, seed: int, out) -> bool:
 def policies_to_record(names: tuple[str, ...], extra_thresholds: list[float], coarse: bool = False) -> list[Policy]:
     """The named policies of the table (the span and step modes only with ``coarse``), plus ``default`` at each
     extra threshold (``default@U``)."""
-    chosen = [POLICIES[n] for n in POLICIES if n in names and (coarse or POLICIES[n].route != COARSE)]
+    chosen = [p for n, p in on_slm("demo").items() if n in names and (coarse or p.route != COARSE)]
     if "default" in names:
         chosen += [POLICIES["default"].at(th) for th in extra_thresholds]
     return chosen
@@ -82,9 +82,7 @@ def record_policy(runner, policy: Policy, threshold: float, problems, path: Path
         if policy.route == COARSE:  # the span/step loop writes its own lines (mode coarse)
             from eval.taskeval import summarize
 
-            marker = getattr(runner.model.manifest, "offload_marker_id", None) if policy.mode == "span-learned" else None
-            return summarize(policy.name, runner.coarse(policy, problems, threshold, marker_id=marker,
-                                                        trace=out))["accuracy"]
+            return summarize(policy.name, runner.coarse(policy, problems, threshold, trace=out))["accuracy"]
         row = runner.policy(policy, problems, threshold, trace=out)
     return row["accuracy"]
 
