@@ -22,13 +22,15 @@ from pathlib import Path
 
 from core.sampling import SamplingSettings
 from eval.pair import calibrate
-from eval.policies import POLICIES
+from eval.policies import HYBRID, POLICIES
 from eval.slms import SlmCache
 from eval.taskeval import Runner
 
 MODES = ("slm-only", "llm-only", "default", "default-pipelined", "span-uncertainty", "span-learned", "step-judge",
          "step-judge-mean", "step-judge-gated", "step-exact")
 Z95 = 1.959964
+RETENTION_TARGET = 0.99  # tr_at_99: the lowest transmission rate keeping this share of LLM-only's accuracy
+TR_GRID = (0.3, 0.2, 0.1, 0.06, 0.03, 0.01, 0.003)  # u_th scanned for it, from the fewest sends down
 
 
 def ci95(correct: list[int]) -> float:
@@ -45,6 +47,26 @@ def paired_diff_ci95(a: list[int], b: list[int]) -> tuple[float, float]:
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
     return mean, Z95 * math.sqrt(var / n)
+
+
+def tr_at_99(runner, policy, problems, llm_accuracy: float, grid: tuple[float, ...] = TR_GRID) -> dict:
+    """The lowest transmission rate at >= 99% retention of a token-level policy: the policy at each u_th of
+    ``grid`` from the largest (fewest tokens sent) down, stopping at the first that keeps 99% of LLM-only's
+    accuracy (TR falls as u_th rises, accuracy wanders within its noise: the scan reports the first grid point
+    that holds, as a user choosing a threshold would). None when no grid point holds."""
+    for threshold in grid:
+        row = runner.policy(policy.at(threshold), problems, threshold)
+        if row["accuracy"] >= RETENTION_TARGET * llm_accuracy:
+            return {"tr_at_99": row["transmission_rate"], "tr_at_99_threshold": threshold,
+                    "tr_at_99_accuracy": row["accuracy"],
+                    "tr_at_99_uplink_bytes_per_token": row["uplink_bytes_per_token"]}
+    return {"tr_at_99": None, "tr_at_99_threshold": None, "tr_at_99_accuracy": None,
+            "tr_at_99_uplink_bytes_per_token": None}
+
+
+def searches_tr(policy) -> bool:
+    """tr_at_99 applies to token-level policies with a calibrated threshold, pipelining aside (same tokens)."""
+    return policy.route == HYBRID and policy.calibrated and not policy.lookahead
 
 
 def run_temperature(runner_for: Callable, problems, temperature: float, calibration_problems: int,
@@ -71,18 +93,35 @@ def run_temperature(runner_for: Callable, problems, temperature: float, calibrat
                     "diff_vs_default": diff, "diff_vs_default_ci95": half,
                     **{k: row.get(k) for k in ("transmission_rate", "llm_token_share", "round_trips_per_token",
                                                "uplink_bytes_per_token", "downlink_bytes_per_token",
-                                               "tokens_per_s", "tokens_digest")},
+                                               "tokens_per_s", "tokens_digest", "correct")},
                     "sim_tokens_per_s": None, "problems": len(problems)})
     return out
 
 
+def add_tr_at_99(rows: list[dict], runner_for: Callable, problems) -> None:
+    """``tr_at_99`` into every row it applies to (``searches_tr``); the others get None."""
+    n = len(problems)
+    llm = {r["temperature"]: sum(r["correct"][:n]) / n for r in rows if r["mode"] == "llm-only"}  # same problems
+    for row in rows:
+        policy = POLICIES[row["mode"]]
+        if searches_tr(policy) and row["temperature"] in llm:
+            row.update(tr_at_99(runner_for(row["temperature"], policy.slm), policy, problems, llm[row["temperature"]]))
+        else:
+            row.setdefault("tr_at_99", None)
+
+
 def run_modes(runner_for: Callable, problems, temperatures: tuple[float, ...], calibration_problems: int,
-              command: str, modes: tuple[str, ...] = MODES) -> dict:
-    """The section: ``runner_for(temperature, slm)`` gives a Runner at that temperature (same channel, same seed)."""
+              command: str, modes: tuple[str, ...] = MODES, tr_problems: int = 0) -> dict:
+    """The section: ``runner_for(temperature, slm)`` gives a Runner at that temperature (same channel, same seed).
+    ``tr_problems`` > 0: each token-level row's ``tr_at_99`` on the first that many problems (a threshold scan)."""
     load_before = list(os.getloadavg())
     rows = [row for t in temperatures for row in run_temperature(runner_for, problems, t, calibration_problems,
                                                                   modes)]
+    if tr_problems:
+        add_tr_at_99(rows, runner_for, problems[:tr_problems])
     return {"rows": rows, "problems": len(problems), "temperatures": list(temperatures), "command": command,
+            "tr_at_99": {"problems": min(tr_problems, len(problems)), "grid": list(TR_GRID),
+                         "retention": RETENTION_TARGET} if tr_problems else None,
             "load_average": {"before": load_before, "after": list(os.getloadavg())},
             "inexact": [m for m in modes if not POLICIES[m].exact]}
 

@@ -71,3 +71,25 @@ def test_each_mode_runs_its_own_edge_model_calibrated_once(monkeypatch):
     by_mode = {r["mode"]: r for r in rows}
     assert by_mode["span-learned"]["slm"] == "span" and by_mode["span-learned"]["threshold"] is None
     assert by_mode["step-exact"]["threshold"] == 0.25 and not by_mode["span-learned"]["exact"]
+
+
+def test_tr_at_99_is_the_first_threshold_from_the_top_that_keeps_99_percent():
+    """The scan stops at the largest u_th holding 99% of LLM-only (fewest sends), and says so when none holds."""
+    import eval.modes as modes
+    from eval.policies import POLICIES
+
+    accuracy = {0.3: 0.80, 0.2: 0.90, 0.1: 0.95, 0.06: 0.97}
+    tried = []
+
+    class ScanRunner:
+        def policy(self, policy, problems, threshold):
+            tried.append((policy.name, threshold))
+            return {"accuracy": accuracy.get(threshold, 0.97), "transmission_rate": 1 - threshold,
+                    "uplink_bytes_per_token": 5.0}
+
+    got = modes.tr_at_99(ScanRunner(), POLICIES["default"], [], llm_accuracy=0.95)
+    assert got["tr_at_99_threshold"] == 0.1 and got["tr_at_99"] == 0.9
+    assert tried == [("default@0.3", 0.3), ("default@0.2", 0.2), ("default@0.1", 0.1)]
+    assert modes.tr_at_99(ScanRunner(), POLICIES["default"], [], llm_accuracy=1.0)["tr_at_99"] is None
+    assert modes.searches_tr(POLICIES["default"]) and not modes.searches_tr(POLICIES["default-pipelined"])
+    assert not modes.searches_tr(POLICIES["step-exact"]) and not modes.searches_tr(POLICIES["slm-only"])
