@@ -6,6 +6,8 @@ the sweep config's ``verifier_model`` when no address is given).
 
 from __future__ import annotations
 
+from argparse import ArgumentTypeError
+
 from core.cli import OneLineParser, UserError, address, non_negative_float, positive_int, run_cli
 from edge.calibration import save_calibration
 from edge.manifest import ModelFolderError
@@ -111,11 +113,40 @@ def _modes(args) -> int:
     return 0
 
 
+def _route(args) -> int:
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from edge.client import VerifierError
+    from eval.modes import modes_runners
+    from eval.routing import format_report, run_routing_report
+
+    command = shlex.join(["python", "-m", "eval", *sys.argv[1:]])
+    try:
+        with modes_runners(args.threads, args.provider, args.verifier, args.seed, args.timeout) as runner_for:
+            report = run_routing_report(runner_for, args.temperatures, args.train_problems, args.calibration_problems,
+                                        args.problems, args.token_calibration_problems, args.first_k,
+                                        tuple(args.token_thresholds), Path(args.out), command)
+    except VerifierError as exc:
+        raise UserError(str(exc)) from None
+    print(format_report(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        return [non_negative_float(t) for t in text.split(",") if t.strip()]
+    except (ValueError, ArgumentTypeError):
+        raise ArgumentTypeError(f"{text!r}: give comma-separated numbers >= 0, e.g. 0.1,0.05") from None
+
+
 def _mode_names(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODES]
     if not names or unknown:
-        raise UserError(f"--modes: {text[:80]!r}: give comma-separated modes out of {', '.join(MODES)}")
+        raise ArgumentTypeError(f"{text[:80]!r}: give comma-separated modes out of {', '.join(MODES)}")
     return names
 
 
@@ -123,9 +154,9 @@ def _temperatures(text: str) -> list[float]:
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--temperatures: {text!r} is not a comma-separated list of numbers, e.g. 1,0") from None
+        raise ArgumentTypeError(f"{text[:80]!r} is not a comma-separated list of numbers, e.g. 1,0") from None
     if not values or any(not 0 <= v <= 10 for v in values):
-        raise UserError(f"--temperatures: {text!r}: give temperatures in [0, 10], e.g. 1,0")
+        raise ArgumentTypeError(f"{text[:80]!r}: give temperatures in [0, 10], e.g. 1,0")
     return values
 
 
@@ -173,6 +204,25 @@ def build_parser() -> OneLineParser:
     p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
     p.add_argument("--timeout", type=non_negative_float, default=30.0)
     p.set_defaults(func=_modes)
+    p = sub.add_parser("route", help="prompt-level routing: train, calibrate and measure the edge's router "
+                       "(hybrid vs cloud-only per prompt)")
+    p.add_argument("--verifier", type=address, help="HOST:PORT of a verifier (default: start the demo LLM's)")
+    p.add_argument("--problems", type=positive_int, default=200, help="held-out problems per row and temperature")
+    p.add_argument("--train-problems", type=positive_int, default=300, help="training-split problems to fit on")
+    p.add_argument("--calibration-problems", type=positive_int, default=200,
+                   help="training-split problems the routing threshold is calibrated on")
+    p.add_argument("--token-calibration-problems", type=positive_int, default=60,
+                   help="problems the default's token threshold is calibrated on (as eval modes)")
+    p.add_argument("--first-k", type=positive_int, default=4, help="tokens the first-k router drafts")
+    p.add_argument("--token-thresholds", type=_thresholds, default=[0.2, 0.1, 0.05, 0.02, 0.01, 0.005],
+                   help="default's token thresholds swept for the equal-accuracy comparison (those below its own)")
+    p.add_argument("--temperatures", type=_temperatures, default=[0.0, 1.0], help="comma-separated (default 0,1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1, help="edge (ORT) and local verifier threads")
+    p.add_argument("--out", default="reports/routing.json", help="JSON to write; the routers go next to it")
+    p.add_argument("--provider", default="auto", choices=["auto", *PROVIDER_ALIASES])
+    p.add_argument("--timeout", type=non_negative_float, default=30.0)
+    p.set_defaults(func=_route)
     return parser
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 
 from core.sampling import SamplingSettings
 from eval.pair import calibrate
-from eval.policies import HYBRID, POLICIES
+from eval.policies import HYBRID, POLICIES, ROUTED
+from eval.routing import routed_policy_row
 from eval.slms import SlmCache
 from eval.taskeval import Runner
 
 MODES = ("slm-only", "llm-only", "default", "default-pipelined", "span-uncertainty", "span-learned", "step-judge",
-         "step-judge-mean", "step-judge-gated", "step-exact")
+         "step-judge-mean", "step-judge-gated", "step-exact", "conditioned-slm-only", "conditioned-slm-zeros",
+         "conditioned", "distilled-slm-only", "distilled", "routed")
 Z95 = 1.959964
 RETENTION_TARGET = 0.99  # tr_at_99: the lowest transmission rate keeping this share of LLM-only's accuracy
 TR_GRID = (0.3, 0.2, 0.1, 0.06, 0.03, 0.01, 0.003)  # u_th scanned for it, from the fewest sends down
@@ -80,7 +82,10 @@ def run_temperature(runner_for: Callable, problems, temperature: float, calibrat
         runner = runner_for(temperature, policy.slm)
         if policy.calibrated and policy.slm not in fits:
             fits[policy.slm] = calibrate(runner, calibration_problems)
-        rows[name] = runner.policy(policy, problems, policy.threshold_from(fits.get(policy.slm)))
+        if policy.route == ROUTED:
+            rows[name] = routed_policy_row(runner, problems, fits[policy.slm])
+        else:
+            rows[name] = runner.policy(policy, problems, policy.threshold_from(fits.get(policy.slm)))
     llm = rows["llm-only"]["accuracy"]
     out = []
     for name in modes:
@@ -93,7 +98,8 @@ def run_temperature(runner_for: Callable, problems, temperature: float, calibrat
                     "diff_vs_default": diff, "diff_vs_default_ci95": half,
                     **{k: row.get(k) for k in ("transmission_rate", "llm_token_share", "round_trips_per_token",
                                                "uplink_bytes_per_token", "downlink_bytes_per_token",
-                                               "tokens_per_s", "tokens_digest", "correct")},
+                                               "tokens_per_s", "tokens_digest", "correct", "cloud_share",
+                                               "llm_tokens_per_problem", "router_threshold")},
                     "sim_tokens_per_s": None, "problems": len(problems)})
     return out
 

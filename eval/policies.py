@@ -20,8 +20,9 @@ from edge.uncertainty import DEFAULT_ESTIMATOR
 from models.task import MAX_SOLUTION_TOKENS
 from proto.distribution import CodecSpec
 
-# routes: SLM alone, SLM + verifier token by token, LLM alone, SLM + verifier by spans or steps
-LOCAL, HYBRID, GENERATE, COARSE = "local", "hybrid", "generate", "coarse"
+# routes: SLM alone, SLM + verifier token by token, LLM alone, SLM + verifier by spans or steps, and a router
+# choosing per prompt between the LLM alone and token-level hybrid (eval/routing.py)
+LOCAL, HYBRID, GENERATE, COARSE, ROUTED = "local", "hybrid", "generate", "coarse", "routed"
 PIPELINED_LOOKAHEAD = 16  # default-pipelined's lookahead
 
 
@@ -38,7 +39,7 @@ class Policy:
     mode: str = ""  # route coarse: span-uncertainty | span-learned | step-judge | step-exact
     gated: bool = False  # step-judge: send only steps with a position above the threshold
     judge_score: str = "min"  # step-judge: the step's score, "min" or "mean" over the step of q(x)/max q
-    slm: str = "demo"  # the edge model it runs (eval/slms.py): "demo", or "span" (span-learned's marker SLM)
+    slm: str = "demo"  # the edge model it runs (eval/slms.py): demo, span, conditioned, distilled
 
     @property
     def calibrated(self) -> bool:
@@ -100,15 +101,28 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("span-learned", COARSE, "SplitReason-style span offload triggered by the span SLM drawing its offload "
            "marker (python -m models span-slm; inexact: unverified SLM text)", threshold=math.inf, exact=False,
            mode="span-learned", slm="span"),
+    Policy("conditioned-slm-only", HYBRID, "LLM-to-SLM: the conditioned SLM alone, fed the LLM's prompt encoding "
+           "(returned by Open; no Verify is ever sent)", threshold=math.inf, slm="conditioned"),
+    Policy("conditioned-slm-zeros", LOCAL, "the conditioned SLM with no verifier: zero conditioning", codec="full32",
+           slm="conditioned"),
+    Policy("conditioned", HYBRID, "default on the conditioned SLM (its own calibrated threshold)",
+           threshold="empirical", slm="conditioned"),
+    Policy("distilled-slm-only", LOCAL, "the distilled SLM alone (python -m models distill)", codec="full32",
+           slm="distilled"),
+    Policy("distilled", HYBRID, "default on the distilled SLM (its own calibrated threshold)", threshold="empirical",
+           slm="distilled"),
+    Policy("routed", ROUTED, "a router on the SLM's prompt features sends whole prompts to Generate, the rest run "
+           "default (eval/routing.py)", threshold="empirical"),
     Policy("step-exact", COARSE, "exact step verification: from a step's first position above u_th to its end, "
            "every p~ as one block (multi-token speculative sampling)", threshold="empirical", mode="step-exact"),
 )}
 
 
 def on_slm(slm: str = "demo") -> dict[str, Policy]:
-    """The policies that run edge model ``slm``, in table order (``make demo`` and ``simulate record`` run the
-    demo SLM's; the others need their own model built first, ``eval/slms.py``)."""
-    return {name: p for name, p in POLICIES.items() if p.slm == slm}
+    """The policies that run edge model ``slm`` with nothing else trained, in table order (``make demo`` and
+    ``simulate record`` run the demo SLM's; the others need their own model built first, ``eval/slms.py``, and
+    ``routed`` its router trained, ``eval/routing.py``)."""
+    return {name: p for name, p in POLICIES.items() if p.slm == slm and p.route != ROUTED}
 
 
 def get_policy(name: str) -> Policy:

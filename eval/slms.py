@@ -1,7 +1,8 @@
 """The edge models a policy can run: the demo SLM and the SLMs the project's own commands derive from it.
 
-A policy names its edge model (``Policy.slm``); most run the committed demo SLM, some need a model of their own
-(``span-learned`` the span SLM that draws the offload marker). Each entry says where its ONNX export lives and
+A policy names its edge model (``Policy.slm``); most run the committed demo SLM, some need a model of their own:
+``span-learned`` the span SLM that draws the offload marker, the ``conditioned*`` rows the LLM-to-SLM SLM, the
+``distilled*`` rows the distilled SLM. Each entry says where its ONNX export lives and
 which command builds it; ``ensure_slm`` builds a missing one with that command's defaults (minutes, with progress
 bars), so a fresh clone measures every row without a manual step. Experiments load each model once
 (``SlmCache``) and run every policy on the same verifier, problems and seeds.
@@ -31,6 +32,10 @@ SLMS: dict[str, EdgeSlm] = {s.name: s for s in (
     EdgeSlm("demo", SLM_EXPORT, (), "the committed demo SLM"),
     EdgeSlm("span", Path("build/span_slm-onnx"), ("models", "span-slm", "--n-eval", "0"),
             "the demo SLM fine-tuned to draw the offload marker before hard steps (~9 min to build)"),
+    EdgeSlm("conditioned", Path("build/conditioned_slm-onnx"), ("models", "conditioned-slm", "--n-eval", "0"),
+            "the demo SLM fine-tuned with the LLM's prompt encoding added to its prompt embeddings (LLM-to-SLM)"),
+    EdgeSlm("distilled", Path("build/distilled_slm-onnx"), ("models", "distill", "--n-eval", "0"),
+            "the demo SLM fine-tuned on the LLM's token distributions (knowledge distillation)"),
 )}
 
 

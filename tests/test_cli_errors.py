@@ -34,6 +34,13 @@ def test_bad_arguments(slm_onnx, bad):
     _assert_one_line_error(proc)
 
 
+@pytest.mark.parametrize("bad,needle", [(["--temperatures", "1,a"], "comma-separated"),
+                                        (["--modes", "default,bogus"], "step-exact"),
+                                        (["--problems", "0"], "positive")])
+def test_eval_modes_bad_arguments(bad, needle):
+    _assert_one_line_error(run_module("eval", "modes", *bad), needle)
+
+
 def test_models_export_rejects_non_model_folder(tmp_path):
     proc = run_module("models", "export", "--model", str(tmp_path), "--out", str(tmp_path / "o"))
     _assert_one_line_error(proc, "config.json")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from edge.uncertainty import DEFAULT_ESTIMATOR
 from eval.modes import ci95, format_table, paired_diff_ci95
+from eval.policies import POLICIES
 from eval.plots import plot_modes
 
 
@@ -70,13 +71,18 @@ def test_each_mode_runs_its_own_edge_model_calibrated_once(monkeypatch):
                                                      ("span-learned", "span"), ("step-exact", "demo")]
     by_mode = {r["mode"]: r for r in rows}
     assert by_mode["span-learned"]["slm"] == "span" and by_mode["span-learned"]["threshold"] is None
+    monkeypatch.setattr(modes, "routed_policy_row", lambda runner, problems, fits: log.append(("routed", fits)) or
+                        {**FakeRunner("demo", []).policy(POLICIES["routed"], problems, None), "cloud_share": 0.25})
+    rows = modes.run_temperature(lambda t, slm: FakeRunner(slm, log), [object(), object()], 0.0, 4,
+                                 ("default", "routed", "distilled"))
+    assert calibrated == ["demo", "demo", "distilled"] and log[-2] == ("routed", {DEFAULT_ESTIMATOR: {"empirical": 0.25}})
+    assert log[-1][:2] == ("distilled", "distilled") and rows[1]["cloud_share"] == 0.25
     assert by_mode["step-exact"]["threshold"] == 0.25 and not by_mode["span-learned"]["exact"]
 
 
 def test_tr_at_99_is_the_first_threshold_from_the_top_that_keeps_99_percent():
     """The scan stops at the largest u_th holding 99% of LLM-only (fewest sends), and says so when none holds."""
     import eval.modes as modes
-    from eval.policies import POLICIES
 
     accuracy = {0.3: 0.80, 0.2: 0.90, 0.1: 0.95, 0.06: 0.97}
     tried = []
