@@ -17,6 +17,9 @@ verifying a block needs logits at chosen positions and our own (seed, position)-
 
 Padding changes no row's result beyond float rounding: padded keys get zero attention weight, and a row's
 positions, cache and logits are its own. Rows of one batch never see each other.
+
+A job may also ask for the hidden states of its fed positions at one layer (``layer``: prompt conditioning at
+Open, ``cloud.conditioning``); they are taken from the same forward by hooks, for that job's row only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from cloud.conditioning import capture_hidden_states
 from cloud.kvstore import HFSessionKV, KVBudget, SessionKV
 from core.batch_plan import plan_forwards
 
@@ -42,8 +46,10 @@ class ForwardJob:
     kv: SessionKV | HFSessionKV
     ids: list[int]  # every id the cache must cover after the forward: the tail past kv.length is fed
     rows: int  # logits of the last ``rows`` fed positions are returned
+    layer: int | None = None  # also keep hidden_states[layer] of every fed position (prompt conditioning)
     submitted: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
+    hidden: np.ndarray | None = None  # [fed positions, hidden] float32, set by the forward when ``layer`` is set
 
     def tail(self) -> list[int]:
         return self.ids[self.kv.length :]
@@ -97,11 +103,20 @@ class BatchingWorker:
 
     def logits(self, kv, ids: list[int], rows: int) -> tuple[np.ndarray, float]:
         """(logits [rows, N] of the last ``rows`` positions of ``ids``, seconds queued before the forward)."""
-        job = ForwardJob(kv, ids, rows)
+        return self._submit(ForwardJob(kv, ids, rows)).future.result()
+
+    def hidden_states(self, kv, ids: list[int], layer: int) -> tuple[np.ndarray, float]:
+        """(hidden_states[layer] [fed positions, hidden] float32 of the positions of ``ids`` past ``kv.length``,
+        seconds queued): the same forward as ``logits`` (cached and batched alike), keeping one layer's states."""
+        job = self._submit(ForwardJob(kv, ids, rows=1, layer=layer))
+        _, queued = job.future.result()
+        return job.hidden, queued
+
+    def _submit(self, job: ForwardJob) -> ForwardJob:
         with self._wake:
             self._queue.append(job)
             self._wake.notify()
-        return job.future.result()
+        return job
 
     # -- the model thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -155,7 +170,10 @@ class BatchingWorker:
 
     def _forward_alone(self, job: ForwardJob) -> np.ndarray:
         ids = torch.tensor([job.tail()], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=job.kv.cache, use_cache=True, logits_to_keep=job.rows)
+        with capture_hidden_states(self.model, {job.layer} - {None}) as captured:
+            out = self.model(input_ids=ids, past_key_values=job.kv.cache, use_cache=True, logits_to_keep=job.rows)
+        if job.layer is not None:
+            job.hidden = captured[job.layer][0].float().cpu().numpy()
         job.kv.last_used = time.monotonic()
         return out.logits[0, -job.rows :, : self.id_space].float().cpu().numpy()
 
@@ -176,13 +194,17 @@ class BatchingWorker:
             ids[b, longest - len(tail):] = torch.tensor(tail)
             positions[b, longest - len(tail):] = torch.arange(p, p + len(tail))
         kv = self._batch_cache(batch, width, longest)
-        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=True,
-                         attention_mask=self._mask(past, [len(t) for t in tails], width, longest, kv.dtype),
-                         logits_to_keep=max(job.rows for job in batch),
-                         past_key_values=Cache(layers=[_PaddedLayer(kv[i, 0], kv[i, 1], width) for i in range(len(kv))]))
+        with capture_hidden_states(self.model, {job.layer for job in batch} - {None}) as captured:
+            out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=True,
+                             attention_mask=self._mask(past, [len(t) for t in tails], width, longest, kv.dtype),
+                             logits_to_keep=max(job.rows for job in batch),
+                             past_key_values=Cache(layers=[_PaddedLayer(kv[i, 0], kv[i, 1], width)
+                                                           for i in range(len(kv))]))
         logits = out.logits[..., : self.id_space].float().cpu().numpy()  # [rows, max(job.rows), N]
         for b, (job, tail) in enumerate(zip(batch, tails)):
             job.kv.append(kv[:, :, b, :, width + longest - len(tail) : width + longest])
+            if job.layer is not None:  # the row's own fed columns (left padding: the last len(tail))
+                job.hidden = captured[job.layer][b, longest - len(tail) :].float().cpu().numpy()
         return [logits[b, logits.shape[1] - job.rows :] for b, job in enumerate(batch)]
 
     def _mask(self, past: list[int], new: list[int], width: int, longest: int, dtype: torch.dtype) -> torch.Tensor:

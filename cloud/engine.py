@@ -10,6 +10,8 @@ its batch-mates. Logits are sliced to the tokenizer's id space N in the forward 
 else sees them: the model's padding rows past N can never be sampled, resampled or reported.
 The cache is only a cache: under the KV budget it may be dropped between Verifies and is then rebuilt by
 prefill from ``context`` (the tail of the next forward simply starts earlier).
+A session that asks for prompt conditioning (``Open.conditioning_layer``) has its prompt prefilled at Open,
+through the same worker, and gets one layer's hidden states of the prompt from that forward (``condition``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 
 from cloud.attention import attn_implementation
 from cloud.batching import BatchingWorker, BatchStats
+from cloud.conditioning import decoder_layer_count
 from cloud.kvstore import HFSessionKV, KVBudget, SessionKV
 from cloud.rejection import verify_draft
 from cloud.validate import Span, Step
@@ -87,6 +90,10 @@ class VerifierModel:
         self.fingerprint = {"tokenizer_hash": tokenizer_hash(self.tokenizer), "id_space": self.id_space,
                             "logit_width": self.logit_width}
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        # Prompt conditioning: the layers a session may ask for are 0..num_layers (0: none can, when the model has
+        # no decoder layer list); each row of Opened.conditioning is hidden_size wide.
+        self.num_layers = decoder_layer_count(self.model)
+        self.hidden_size = int(self.model.get_input_embeddings().weight.shape[1])
         self.budget = KVBudget(int(kv_budget_mb * 2**20))
         self._kv_shape = _batched_kv_shape(self.model)  # None: sliding windows etc., one session at a time
         # One model thread runs every forward: forwards never interleave, and the per-thread state of torch's
@@ -111,6 +118,17 @@ class VerifierModel:
         """Cache the session's context but its last id now, instead of at its first Verify."""
         if state.cache.length < len(state.context) - 1:
             self._worker.logits(state.cache, state.context[:-1], rows=1)
+
+    def condition(self, state: SessionState, layer: int) -> np.ndarray:
+        """hidden_states[layer] of the session's whole prompt, [prompt_len, hidden_size] float32 (LLM-to-SLM
+        conditioning), from a prefill of the prompt through the model worker, batched with whatever is ready. The
+        cache is left covering the prompt but its last id, as after a Verify: the first Verify feeds that id."""
+        if state.cache.length:
+            raise RuntimeError("conditioning needs the prompt's first forward; this session's cache already holds "
+                               f"{state.cache.length} positions")
+        states, _ = self._worker.hidden_states(state.cache, state.context, layer)
+        self._crop(state)
+        return states
 
     def close(self, state: SessionState) -> None:
         """Free the session's cache (its ids go with the state)."""

@@ -34,6 +34,8 @@ class VerifierMetrics:
         self.span_tokens = Counter("verifier_span_tokens", "tokens the LLM generated in spans and regenerated steps",
                                    registry=r)
         self.steps = Counter("verifier_judged_steps", "drafted steps judged, by outcome", ["outcome"], registry=r)
+        self.conditioning_bytes = Counter("verifier_conditioning_bytes", "bytes of prompt hidden states sent in "
+                                          "Opened (LLM-to-SLM conditioning)", registry=r)
 
 
 class EngineCollector:

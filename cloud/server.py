@@ -35,11 +35,12 @@ from grpc_reflection.v1alpha import reflection
 from cloud.auth import TokenAuthInterceptor, TokenStore
 from cloud.engine import SessionState, VerifierModel
 from cloud.metrics import EngineCollector, VerifierMetrics
-from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_fingerprint, check_ids,
-                            check_prompt, check_protocol, check_sampling, check_verify)
+from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_conditioning_fits,
+                            check_conditioning_layer, check_fingerprint, check_ids, check_prompt, check_protocol,
+                            check_sampling, check_verify)
 from core.process import VERIFIER_READY
 from proto import hybrid_pb2 as pb
-from proto.messages import fingerprint_to_msg
+from proto.messages import conditioning_to_bytes, fingerprint_to_msg
 
 log = logging.getLogger("cloud.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
@@ -234,7 +235,8 @@ class VerifierServicer:
                 raise SessionAbort(INVALID, f"not a valid hybrid.v1.EdgeMessage ({msg.error})", "parse")
             return msg
 
-    def _open(self, msg: pb.EdgeMessage) -> SessionState:
+    def _open(self, msg: pb.EdgeMessage) -> tuple[SessionState, int | None]:
+        """The admitted session and the layer whose prompt states its Opened carries (None: not asked)."""
         kind = msg.WhichOneof("kind")
         if kind != "open":
             raise SessionAbort(ORDER, f"a session must start with Open, got {kind or 'an empty message'}", "order")
@@ -244,10 +246,31 @@ class VerifierServicer:
         settings = check_sampling(op.sampling, n, "Open")
         codec = check_codec(op.codec, n)
         prompt = check_prompt(op.prompt_ids, n, self.max_context, "Open.prompt_ids")
+        layer = check_conditioning_layer(op, self.engine.num_layers)
         state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None, op.epoch)
         state.report_target_prob = op.report_target_prob
-        self._admit(state)
-        return state
+        try:
+            if layer is not None:  # refused before the forward, not by gRPC after it
+                check_conditioning_fits(len(prompt), self.engine.hidden_size, layer,
+                                        pb.CloudMessage(opened=self._opened(state)).ByteSize(),
+                                        self.limits.max_message_bytes)
+            self._admit(state)
+        except SessionAbort:
+            self.engine.close(state)  # never admitted: nothing else will free its cache
+            raise
+        return state, layer
+
+    def _opened(self, state: SessionState, layer: int | None = None) -> pb.Opened:
+        """The session's Opened; with ``layer``, carrying the prompt's hidden states at that layer (LLM-to-SLM
+        conditioning), which prefills the prompt now rather than at the first Verify."""
+        opened = pb.Opened(session_id=state.session_id, max_context=self.max_context,
+                           max_message_bytes=self.limits.max_message_bytes,
+                           fingerprint=fingerprint_to_msg(self.engine.fingerprint))
+        if layer is not None:
+            opened.conditioning = conditioning_to_bytes(self.engine.condition(state, layer))
+            opened.conditioning_dim = self.engine.hidden_size
+            self.metrics.conditioning_bytes.inc(len(opened.conditioning))
+        return opened
 
     def _verify(self, state: SessionState, v: pb.Verify, expected_seq: int) -> pb.Verdict:
         t_received = time.perf_counter()
@@ -291,13 +314,10 @@ class VerifierServicer:
                 first = self._next(inbox, "Open", opening=True)
                 if first is None:
                     return
-                state = self._open(first)
+                state, layer = self._open(first)
             log.info("session opened", extra={"session": state.session_id, "peer": context.peer(),
-                                               "prompt_tokens": len(state.context)})
-            yield pb.CloudMessage(opened=pb.Opened(
-                session_id=state.session_id, max_context=self.max_context,
-                max_message_bytes=self.limits.max_message_bytes,
-                fingerprint=fingerprint_to_msg(self.engine.fingerprint)))
+                                               "prompt_tokens": len(state.context), "conditioning_layer": layer})
+            yield pb.CloudMessage(opened=self._opened(state, layer))
             expected = 1
             while (msg := self._next(inbox, "Verify or Close")) is not None:
                 kind = msg.WhichOneof("kind")

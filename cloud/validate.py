@@ -16,7 +16,8 @@ from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, Compressed
 from proto.payload import CodecError, decode
 from proto.fingerprint import describe_mismatch
-from proto.messages import PROTOCOL_VERSION, codec_from_msg, fingerprint_from_msg, sampling_from_msg
+from proto.messages import (PROTOCOL_VERSION, codec_from_msg, conditioning_bytes, fingerprint_from_msg,
+                            sampling_from_msg)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 ORDER = grpc.StatusCode.FAILED_PRECONDITION
@@ -127,6 +128,35 @@ def check_protocol(op: pb.Open) -> None:
                            "edge", "protocol")
     raise SessionAbort(ORDER, f"Open.protocol is {op.protocol}, newer than this verifier's {PROTOCOL_VERSION}: "
                        "upgrade the verifier", "protocol")
+
+
+def check_conditioning_layer(op: pb.Open, num_layers: int) -> int | None:
+    """The layer whose prompt states Opened must carry (None: not asked), or INVALID_ARGUMENT naming the valid
+    range 0..num_layers (hidden_states[0] is the embeddings, [num_layers] the last layer after the final norm)."""
+    if not op.HasField("conditioning_layer"):
+        return None
+    layer = op.conditioning_layer
+    if not num_layers:
+        raise SessionAbort(INVALID, "Open.conditioning_layer is set, but this verifier's model exposes no decoder "
+                           "layers to take prompt states from: open without conditioning", "conditioning")
+    if layer > num_layers:
+        raise SessionAbort(INVALID, f"Open.conditioning_layer is {layer}, but the verifier's model has {num_layers} "
+                           f"decoder layers: ask for 0 (the embeddings) to {num_layers} (the last layer's output); "
+                           "the SLM's manifest names a layer of another LLM", "conditioning")
+    return int(layer)
+
+
+def check_conditioning_fits(prompt_len: int, dim: int, layer: int, opened_bytes: int, limit: int) -> None:
+    """INVALID_ARGUMENT when an Opened carrying ``prompt_len`` x ``dim`` float16 states (``opened_bytes``: the
+    CloudMessage without them) would exceed the message limit: gRPC would fail the call with a status that looks
+    retryable, after the forward."""
+    states = conditioning_bytes(prompt_len, dim)
+    total = opened_bytes + states + 24  # + tags and lengths: the two new fields' and the wrapper's longer one
+    if total > limit:
+        raise SessionAbort(INVALID, f"Open asks for the LLM's layer-{layer} states of a {prompt_len}-token prompt: "
+                           f"{prompt_len} x {dim} float16 = {states:,} bytes, over the verifier's message limit of "
+                           f"{limit:,} bytes; shorten the prompt or raise the verifier's --max-message-bytes",
+                           "conditioning")
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,10 @@ def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
     failover, transport = _failover(args), _transport(args)
     sessions: list[ResilientSession] = []
 
-    def open_session(prompt_ids, settings, codec):
+    def open_session(prompt_ids, settings, codec, conditioning_layer=None):  # the layer: a conditioned SLM's
         sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, settings, codec,
-                                         seed=args.seed, timeout=args.timeout, transport=transport))
+                                         seed=args.seed, timeout=args.timeout, transport=transport,
+                                         conditioning_layer=conditioning_layer))
         return sessions[-1]
 
     trace = open(args.trace, "w") if args.trace else None

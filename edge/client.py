@@ -4,6 +4,9 @@ The sync gRPC API blocks on a response iterator with no per-message timeout, so 
 responses into a queue and every wait is a ``queue.get(timeout=...)``; on timeout the call is cancelled.
 Every message's wire size (serialized + 5-byte gRPC prefix) is counted, so reports can state uplink
 and downlink bytes exactly.
+
+A session opened with ``conditioning_layer`` (an SLM conditioned on the LLM's prompt states, LLM-to-SLM) asks
+for those states in Open; ``conditioning()`` waits for Opened and returns them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from core.sampling import SamplingSettings
 from edge.transport import Transport
@@ -22,7 +26,8 @@ from proto import hybrid_pb2 as pb
 from proto import hybrid_pb2_grpc as pb_grpc
 from proto.distribution import CodecSpec
 from proto.fingerprint import describe_mismatch
-from proto.messages import PROTOCOL_VERSION, codec_to_msg, fingerprint_from_msg, fingerprint_to_msg, sampling_to_msg, wire_size
+from proto.messages import (PROTOCOL_VERSION, codec_to_msg, conditioning_from_msg, fingerprint_from_msg,
+                            fingerprint_to_msg, sampling_to_msg, wire_size)
 from proto.payload import max_encoded_size
 
 _END = object()
@@ -106,13 +111,16 @@ class VerifierSession:
     first Verify: it checks Opened (id space, message limit) when it arrives, and only a Verify larger than
     any verifier's smallest allowed message limit waits for it first. It also tracks the agreed length and
     epoch from the Verdicts, for ``verify``, the stop-and-wait shorthand.
+
+    ``conditioning_layer``: ask Opened to carry the LLM's hidden states of the prompt at that layer
+    (``conditioning()``); None sends the Open of an unconditioned SLM, byte for byte.
     """
 
     lost = False  # a plain session never gives up quietly: failures raise
 
     def __init__(self, channel: grpc.Channel, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
                  codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
-                 timeout: float = 30.0, epoch: int = 0):
+                 timeout: float = 30.0, epoch: int = 0, conditioning_layer: int | None = None):
         self.timeout = timeout
         self.report_target_prob = report_target_prob
         self.uplink_bytes = self.downlink_bytes = 0
@@ -124,6 +132,8 @@ class VerifierSession:
         self._codec = codec
         self._fingerprint = fingerprint
         self.id_space = int(fingerprint["id_space"])
+        self.prompt_len = len(prompt_ids)
+        self.conditioning_layer = conditioning_layer
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
         self._call = pb_grpc.VerifierStub(channel).Session(iter(self._requests.get, _END))
@@ -133,6 +143,8 @@ class VerifierSession:
                            protocol=PROTOCOL_VERSION, epoch=epoch)
         if seed is not None:
             open_msg.seed = seed
+        if conditioning_layer is not None:
+            open_msg.conditioning_layer = conditioning_layer
         self._send(pb.EdgeMessage(open=open_msg))
 
     @property
@@ -143,6 +155,22 @@ class VerifierSession:
             self._check_verifier_id_space()
             self._check_message_limit(self._codec)
         return self._opened
+
+    def conditioning(self) -> np.ndarray:
+        """The LLM's hidden states of the prompt, [prompt_len, dim] float32, from Opened (waits for it). A
+        verifier that answers without them predates prompt conditioning: refused (no retry can fix it)."""
+        if self.conditioning_layer is None:
+            raise VerifierError("conditioning() on a session opened without conditioning_layer (client bug)")
+        opened = self.opened
+        try:
+            states = conditioning_from_msg(opened)
+        except ValueError as exc:
+            self._refuse(f"the verifier answered Open without the prompt states of layer {self.conditioning_layer} "
+                         f"({exc}): it predates LLM-to-SLM prompt conditioning; upgrade it")
+        if states.shape[0] != self.prompt_len:
+            self._refuse(f"the verifier sent prompt states for {states.shape[0]} positions, but the prompt has "
+                         f"{self.prompt_len} tokens (protocol error)")
+        return states
 
     def _refuse(self, message: str) -> None:
         """End the call and raise an error no retry can fix (a verifier that does not share our id space)."""

@@ -33,7 +33,8 @@ from typing import TextIO
 import numpy as np
 
 from edge.client import VerdictResult
-from edge.hybrid import HybridConfig, SessionOpener, Streams, Verifier, draft_step, open_while_prefilling
+from edge.hybrid import (HybridConfig, Opening, SessionOpener, Streams, Verifier, conditioning_layer, draft_step,
+                         open_while_prefilling)
 from edge.model import EdgeModel
 from edge.uncertainty import get_estimator
 from proto import hybrid_pb2 as pb
@@ -84,6 +85,7 @@ class CoarseResult:
     downlink_bytes: int = 0
     seconds: float = 0.0
     stopped_at_eos: bool = False
+    open_wait_s: float = 0.0  # a prompt-conditioned SLM's wait for Opened before its prefill (edge/hybrid.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -182,13 +184,14 @@ class _CoarseLoop:
         self.log.append(record)
         self.owed = record
 
-    def write_trace(self, trace: TextIO, open_s: float, open_bytes: tuple[int, int]) -> None:
+    def write_trace(self, trace: TextIO, opening: Opening, open_bytes: tuple[int, int]) -> None:
         """The generation's lines (``proto/trace.py``, mode coarse; local when no verifier was there);
         ``open_bytes``: the session's (uplink, downlink) bytes right after it opened."""
         hc, r, v = self.hc, self.result, self.verifier
         tr.write_open(trace, len(self.prompt), hc.estimator, asdict(hc.codec), hc.threshold, hc.settings.temperature,
-                      v is not None, *open_bytes, mode="coarse" if v is not None else None, open_s=open_s,
-                      collab=self.config.mode)
+                      v is not None, *open_bytes, mode="coarse" if v is not None else None, open_s=opening.open_s,
+                      collab=self.config.mode, conditioning_layer=conditioning_layer(self.model) if v else None,
+                      open_wait_s=opening.open_wait_s)
         for entry in self.log:
             if isinstance(entry, RoundTripRecord):
                 tr.write_round_trip(trace, entry)
@@ -302,9 +305,11 @@ def generate_coarse(model: EdgeModel, prompt_ids: list[int], config: CoarseConfi
     without one); with ``trace``, write the generation's trace lines (mode coarse) when it ends."""
     result = CoarseResult(list(prompt_ids))
     t_start = time.perf_counter()
-    verifier, logits, open_s = open_while_prefilling(model, prompt_ids, config.hybrid, open_session)
+    opening = open_while_prefilling(model, prompt_ids, config.hybrid, open_session)
+    verifier, result.open_wait_s = opening.verifier, opening.open_wait_s
     open_bytes = (verifier.uplink_bytes, verifier.downlink_bytes) if verifier is not None else (0, 0)
-    loop = _CoarseLoop(model, list(prompt_ids), config, seed, verifier, logits, result, record=trace is not None)
+    loop = _CoarseLoop(model, list(prompt_ids), config, seed, verifier, opening.logits, result,
+                       record=trace is not None)
     try:
         loop.run()
     finally:
@@ -317,6 +322,6 @@ def generate_coarse(model: EdgeModel, prompt_ids: list[int], config: CoarseConfi
     result.stopped_at_eos = bool(result.token_ids and result.token_ids[-1] in model.eos_ids)
     result.text = model.decode(result.token_ids)
     if trace is not None:
-        loop.write_trace(trace, open_s, open_bytes)
+        loop.write_trace(trace, opening, open_bytes)
     return result
 

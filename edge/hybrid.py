@@ -14,6 +14,12 @@ simulator replays these traces.
 The verifier is anything that satisfies :class:`Verifier`: a plain ``VerifierSession`` or a
 ``ResilientSession`` that fails over. ``generate_hybrid`` opens it itself from the configuration, so the
 sampling settings and codec on the wire are always the ones the loop drafts with.
+
+A prompt-conditioned SLM (LLM-to-SLM, arXiv 2402.16844; ``model.conditioning``) is prefilled with the LLM's
+hidden states of the prompt, which come in the verifier's Opened: with a verifier, the loop opens the session
+asking for them, waits for Opened and only then prefills (the first token is later by a round trip and the
+verifier's prefill: ``open_wait_s``); without one (or once the cloud is lost, policy local) it prefills with
+zeros. An unconditioned SLM opens on a thread while it prefills, and never waits for Opened.
 """
 
 from __future__ import annotations
@@ -24,22 +30,26 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, TextIO, runtime_checkable
+from typing import NamedTuple, Protocol, TextIO, runtime_checkable
 
 import numpy as np
 
 from core.sampling import SamplingSettings, probabilities
 from edge.client import VerdictResult, VerifierError
 from edge.model import EdgeModel
+from edge.transport import MAX_RECEIVE_BYTES
 from edge.uncertainty import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator, get_estimator
 from proto import trace as tr
 from proto.distribution import CodecSpec, Compressed, compress
+from proto.messages import conditioning_bytes
 from proto.payload import encode
 from proto.trace import TokenRecord
 
 # The default policy's threshold on 1 - max p: the lowest transmission rate that kept >= 99% of LLM-only
 # accuracy on the demo pair's frontier at both temperatures (README, "Measured frontier").
 DEFAULT_THRESHOLD = 0.06
+# Opened's bytes beside its conditioning states (session id, limits, fingerprint, tags), generously.
+OPENED_ENVELOPE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,10 @@ class Verifier(Protocol):
     def close(self) -> None: ...
 
 
-SessionOpener = Callable[[list[int], SamplingSettings, CodecSpec], Verifier]
-"""Opens a verifier session for (prompt ids, sampling settings, codec)."""
+SessionOpener = Callable[..., Verifier]
+"""Opens a verifier session for (prompt ids, sampling settings, codec). For a prompt-conditioned SLM it is also
+given ``conditioning_layer=k`` (a keyword, only then), to pass on to ``VerifierSession``/``ResilientSession``;
+the session it returns then has ``conditioning()``: the prompt's states from Opened (None: the cloud is lost)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,7 @@ class HybridResult:
     rolled_back: list[TokenRecord] = field(default_factory=list)  # drafts discarded by a rejection before them
     stale_verifies: int = 0  # Verifies sent on a branch a rejection had ended (answered stale)
     stale_uplink_bytes: int = 0
+    open_wait_s: float = 0.0  # a conditioned SLM's wait for Opened (its prompt states) before prefilling; else 0
 
     @property
     def sent(self) -> int:
@@ -129,6 +142,11 @@ class HybridResult:
     @property
     def uplink_bytes_per_token(self) -> float:
         return self.uplink_bytes / len(self.token_ids) if self.token_ids else 0.0
+
+    @property
+    def downlink_bytes_per_token(self) -> float:
+        """Every cloud->edge message per generated token: Opened (with a conditioned SLM's prompt states) and Verdicts."""
+        return self.downlink_bytes / len(self.token_ids) if self.token_ids else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -333,20 +351,43 @@ class _Loop:
                 self.commit()
 
 
-def _write_open(trace: TextIO, config: HybridConfig, prompt_tokens: int, verifier: Verifier | None,
-                open_s: float) -> None:
+def _write_open(trace: TextIO, config: HybridConfig, prompt_tokens: int, opening: Opening,
+                conditioning_layer: int | None) -> None:
+    verifier = opening.verifier
     tr.write_open(trace, prompt_tokens, config.estimator, asdict(config.codec), config.threshold,
                   config.settings.temperature, verifier is not None,
                   verifier.uplink_bytes if verifier else 0, verifier.downlink_bytes if verifier else 0,
-                  lookahead=config.lookahead, open_s=open_s)
+                  lookahead=config.lookahead, open_s=opening.open_s,
+                  conditioning_layer=conditioning_layer if verifier else None, open_wait_s=opening.open_wait_s)
+
+
+class Opening(NamedTuple):
+    """How a generation started: its verifier session (None: none), the SLM's logits after the prompt, the
+    seconds connecting and sending Open took, and the seconds the loop waited for Opened before prefilling (a
+    conditioned SLM only; 0 otherwise: the Open overlaps the prefill)."""
+
+    verifier: Verifier | None
+    logits: np.ndarray
+    open_s: float
+    open_wait_s: float = 0.0
+
+
+def conditioning_layer(model: EdgeModel) -> int | None:
+    """The LLM layer a prompt-conditioned SLM takes states of (None: an unconditioned SLM)."""
+    spec = getattr(model, "conditioning", None)
+    return None if spec is None else spec.layer
 
 
 def open_while_prefilling(model: EdgeModel, prompt_ids: list[int], config: HybridConfig,
-                           open_session: SessionOpener | None) -> tuple[Verifier | None, np.ndarray, float]:
+                           open_session: SessionOpener | None) -> Opening:
     """Connect and send Open on a thread while the SLM prefills the prompt (ORT releases the GIL), so the
-    handshake costs no time before the first draft; returns (session, logits, seconds the open took)."""
+    handshake costs no time before the first draft. A prompt-conditioned SLM with a verifier cannot overlap
+    them: it needs the LLM's prompt states from Opened first (``open_then_prefill``); without a verifier it
+    prefills with zeros (the runtime's default)."""
     if open_session is None:
-        return None, model.runtime.prefill(prompt_ids), 0.0
+        return Opening(None, model.runtime.prefill(prompt_ids), 0.0)
+    if conditioning_layer(model) is not None:
+        return open_then_prefill(model, prompt_ids, config, open_session)
     with ThreadPoolExecutor(max_workers=1) as pool:
         t0 = time.perf_counter()
         opening = pool.submit(lambda: (open_session(list(prompt_ids), config.settings, config.codec),
@@ -355,7 +396,50 @@ def open_while_prefilling(model: EdgeModel, prompt_ids: list[int], config: Hybri
             logits = model.runtime.prefill(prompt_ids)
         finally:
             verifier, open_s = opening.result()  # a failure to open is raised here
-    return verifier, logits, open_s
+    return Opening(verifier, logits, open_s)
+
+
+def open_then_prefill(model: EdgeModel, prompt_ids: list[int], config: HybridConfig,
+                      open_session: SessionOpener) -> Opening:
+    """A prompt-conditioned SLM: open asking for the LLM's states at the manifest's layer, wait for Opened, check
+    them against the manifest, prefill with them (zeros if the cloud is lost before they came, policy local)."""
+    spec = model.conditioning
+    check_conditioning_receivable(len(prompt_ids), spec.dim)
+    t0 = time.perf_counter()
+    verifier = open_session(list(prompt_ids), config.settings, config.codec, conditioning_layer=spec.layer)
+    open_s = time.perf_counter() - t0
+    try:
+        states = verifier.conditioning()  # waits for Opened: one round trip and the verifier's prefill
+        open_wait_s = time.perf_counter() - t0
+        if states is not None:
+            check_conditioning_shape(states, spec, len(prompt_ids))
+    except BaseException:
+        verifier.close()
+        raise
+    return Opening(verifier, model.runtime.prefill(prompt_ids, conditioning=states), open_s, open_wait_s)
+
+
+def check_conditioning_receivable(prompt_len: int, dim: int) -> None:
+    """The Opened carrying the prompt's states must fit what the edge accepts in one message (gRPC would fail the
+    call with RESOURCE_EXHAUSTED, which looks retryable): refuse the generation up front instead."""
+    needed = conditioning_bytes(prompt_len, dim)
+    room = MAX_RECEIVE_BYTES - OPENED_ENVELOPE_BYTES
+    if needed > room:
+        raise VerifierError(f"a {prompt_len}-token prompt's conditioning states ({prompt_len} x {dim} float16 = "
+                            f"{needed:,} bytes) do not fit the edge's {MAX_RECEIVE_BYTES:,}-byte message limit; "
+                            f"shorten the prompt to at most {room // conditioning_bytes(1, dim):,} tokens")
+
+
+def check_conditioning_shape(states: np.ndarray, spec, prompt_len: int) -> None:
+    """The verifier's states are [prompt_len, spec.dim]: a different width means an LLM other than the one the SLM
+    was trained against (no retry can fix that)."""
+    if states.shape[1] != spec.dim:
+        raise VerifierError(f"the verifier's LLM gives {states.shape[1]}-wide states at layer {spec.layer}, but this "
+                            f"SLM was trained on {spec.dim}-wide ones (manifest.json conditioning.dim): point the edge "
+                            "at the verifier of its own LLM")
+    if states.shape[0] != prompt_len:
+        raise VerifierError(f"the verifier sent states for {states.shape[0]} positions of a {prompt_len}-token prompt "
+                            "(protocol error)")
 
 
 def generate_hybrid(
@@ -376,11 +460,12 @@ def generate_hybrid(
     """
     result = HybridResult(list(prompt_ids))
     t_start = time.perf_counter()
-    verifier, logits, open_s = open_while_prefilling(model, prompt_ids, config, open_session)
+    opening = open_while_prefilling(model, prompt_ids, config, open_session)
+    verifier, result.open_wait_s = opening.verifier, opening.open_wait_s
     if trace is not None:
-        _write_open(trace, config, len(prompt_ids), verifier, open_s)
+        _write_open(trace, config, len(prompt_ids), opening, conditioning_layer(model))
     loop = _Loop(model, list(prompt_ids), config, seed, verifier, result, on_commit)
-    loop.logits = logits
+    loop.logits = opening.logits
     try:
         loop.run()
     except VerifierError as exc:

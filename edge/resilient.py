@@ -11,6 +11,11 @@ When no verifier answers for ``loss_after_s``, the ``on_cloud_loss`` policy deci
 ``fail`` raises ``CloudLost``; ``wait`` keeps trying (with backoff, without limit); ``local`` stops
 verifying: ``verify`` returns None from then on, and the caller keeps its drafts, marking them unverified.
 Refusals that a retry cannot fix (bad input, wrong fingerprint, bad credentials) are raised at once.
+
+Prompt conditioning (``conditioning_layer``): the Open asks for the LLM's prompt states until they have been
+received once (a session that fails before its Opened arrives is reopened asking again); the edge prefills its
+prompt once, with those, so a later replay does not ask again: its Open, whose prompt is the whole history,
+would make the verifier send states no one uses (and for a long history, more than a message may hold).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from edge.client import PLAINTEXT, VerdictResult, VerifierError, VerifierSession, connect
 from core.sampling import SamplingSettings
@@ -66,7 +72,7 @@ class ResilientSession:
 
     def __init__(self, failover: Failover, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
                  codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
-                 timeout: float = 30.0, transport: Transport = PLAINTEXT):
+                 timeout: float = 30.0, transport: Transport = PLAINTEXT, conditioning_layer: int | None = None):
         self.failover, self.transport = failover, transport
         self._open_args = dict(fingerprint=fingerprint, settings=settings, codec=codec, seed=seed,
                                report_target_prob=report_target_prob, timeout=timeout)
@@ -83,6 +89,8 @@ class ResilientSession:
         self._rng = random.Random()  # jitter only: never touches the generation's random streams
         self._bytes_done = [0, 0]  # up, down of sessions already ended
         self._trouble_since: float | None = None
+        self.conditioning_layer = conditioning_layer
+        self._conditioning: np.ndarray | None = None  # the prompt states, once received
         self._connect(first=True)
 
     # -- the VerifierSession interface ----------------------------------------------------------------
@@ -135,6 +143,18 @@ class ResilientSession:
             return verdict
         return None
 
+    def conditioning(self) -> np.ndarray | None:
+        """The LLM's prompt states (``VerifierSession.conditioning``), reopening as often as needed to get them;
+        None once the cloud is lost (policy local: the SLM goes on without them)."""
+        while self._conditioning is None and not self.lost:
+            if self._session is None and not self._connect(first=False):
+                return None
+            try:
+                self._conditioning = self._session.conditioning()
+            except VerifierError as exc:
+                self._fail(exc)
+        return self._conditioning
+
     def verify(self, pending: list[int], draft: int, distribution: bytes) -> VerdictResult | None:
         """Stop-and-wait shorthand: one drafted position after ``pending`` at the agreed position and epoch."""
         self.submit(pending, len(self.history), self.epoch, [(draft, distribution)])
@@ -174,8 +194,10 @@ class ResilientSession:
         """Open a session replaying the history, and resend every unresolved Verify in order (those of an
         ended epoch are answered stale, as they would have been)."""
         channel = connect(address, timeout=self.failover.connect_timeout_s, transport=self.transport)
+        layer = self.conditioning_layer if self._conditioning is None else None  # received once: kept
         try:
-            session = VerifierSession(channel, prompt_ids=list(self.history), epoch=self.epoch, **self._open_args)
+            session = VerifierSession(channel, prompt_ids=list(self.history), epoch=self.epoch,
+                                      conditioning_layer=layer, **self._open_args)
             for pending, position, epoch, block in self._unresolved:
                 session.submit(pending, position, epoch, block)
         except VerifierError:

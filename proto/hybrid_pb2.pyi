@@ -43,7 +43,7 @@ class Codec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., k: _Optional[int] = ..., eps: _Optional[float] = ..., k_max: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "prompt_ids", "seed", "codec", "report_target_prob", "protocol", "epoch")
+    __slots__ = ("fingerprint", "sampling", "prompt_ids", "seed", "codec", "report_target_prob", "protocol", "epoch", "conditioning_layer")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Open(_message.Message):
     REPORT_TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_LAYER_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     sampling: Sampling
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -60,7 +61,8 @@ class Open(_message.Message):
     report_target_prob: bool
     protocol: int
     epoch: int
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., report_target_prob: _Optional[bool] = ..., protocol: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    conditioning_layer: int
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., report_target_prob: _Optional[bool] = ..., protocol: _Optional[int] = ..., epoch: _Optional[int] = ..., conditioning_layer: _Optional[int] = ...) -> None: ...
 
 class DraftedPosition(_message.Message):
     __slots__ = ("token_id", "distribution")
@@ -123,16 +125,20 @@ class EdgeMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "max_context", "max_message_bytes", "fingerprint")
+    __slots__ = ("session_id", "max_context", "max_message_bytes", "fingerprint", "conditioning", "conditioning_dim")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_DIM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_context: int
     max_message_bytes: int
     fingerprint: Fingerprint
-    def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ...) -> None: ...
+    conditioning: bytes
+    conditioning_dim: int
+    def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., conditioning: _Optional[bytes] = ..., conditioning_dim: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("seq", "accepted", "token_id", "target_probs", "server_seconds", "accepted_count", "stale", "epoch", "queue_seconds", "span_ids", "step_accepted", "step_score")

@@ -1,9 +1,12 @@
 """Conversions between wire messages and the settings objects both sides compute with.
 
-One place for the rule, so edge and cloud read Sampling, Codec and Fingerprint fields identically.
+One place for the rule, so edge and cloud read Sampling, Codec and Fingerprint fields identically, and write
+and read ``Opened.conditioning`` (the LLM's prompt states) identically.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from core.sampling import SamplingSettings
 from proto import hybrid_pb2 as pb
@@ -60,3 +63,31 @@ def fingerprint_from_msg(m: pb.Fingerprint) -> dict:
 def wire_size(msg) -> int:
     """Bytes a message occupies in the gRPC stream: serialized size plus the 5-byte length prefix."""
     return msg.ByteSize() + FRAME_OVERHEAD
+
+
+# Opened.conditioning: float16, little-endian, row-major [prompt_len, conditioning_dim].
+CONDITIONING_DTYPE = np.dtype("<f2")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def conditioning_to_bytes(states: np.ndarray) -> bytes:
+    """``states`` [prompt_len, dim] as Opened.conditioning. Values past the float16 range (a large model's outlier
+    activations can be) are clamped to it: a saturated feature stays large instead of becoming inf."""
+    return np.clip(states, -_FLOAT16_MAX, _FLOAT16_MAX).astype(CONDITIONING_DTYPE).tobytes()
+
+
+def conditioning_bytes(rows: int, dim: int) -> int:
+    """Bytes of Opened.conditioning for ``rows`` prompt positions of width ``dim``."""
+    return rows * dim * CONDITIONING_DTYPE.itemsize
+
+
+def conditioning_from_msg(m: pb.Opened) -> np.ndarray:
+    """The [prompt_len, conditioning_dim] float32 array an Opened carries; ValueError when it carries none or its
+    length is not a whole number of rows."""
+    dim, data = int(m.conditioning_dim), m.conditioning
+    if not dim or not data:
+        raise ValueError("Opened carries no conditioning")
+    row = conditioning_bytes(1, dim)
+    if len(data) % row:
+        raise ValueError(f"Opened.conditioning holds {len(data):,} bytes, not a whole number of {dim}-wide float16 rows")
+    return np.frombuffer(data, dtype=CONDITIONING_DTYPE).reshape(-1, dim).astype(np.float32)

@@ -137,16 +137,22 @@ def _write(out: TextIO, row: dict) -> None:
 
 def write_open(out: TextIO, prompt_tokens: int, estimator: str, codec: dict | None, threshold: float | None,
                temperature: float, verifier: bool, uplink_bytes: int, downlink_bytes: int,
-               mode: str | None = None, lookahead: int = 0, open_s: float = 0.0, collab: str | None = None) -> None:
+               mode: str | None = None, lookahead: int = 0, open_s: float = 0.0, collab: str | None = None,
+               conditioning_layer: int | None = None, open_wait_s: float = 0.0) -> None:
     """The first line of a generation: its configuration, the Open (or request) size, and ``open_s``, the time
     to connect and send Open (overlapped with the SLM's prefill); ``collab``: a coarse generation's span or
-    step mode."""
+    step mode. A prompt-conditioned SLM with a verifier (``conditioning_layer``: the LLM layer it asked for) waits
+    for Opened before its prefill: ``open_wait_s`` is that wait (from the start of the Open), and the line's
+    ``downlink_bytes`` already hold the Opened with the prompt's states."""
     row = {"kind": "open", "prompt_tokens": prompt_tokens, "estimator": estimator, "codec": codec,
            "threshold": json_float(threshold), "temperature": temperature, "verifier": verifier,
            "uplink_bytes": uplink_bytes, "downlink_bytes": downlink_bytes, "lookahead": lookahead,
            "open_s": open_s}
     if collab is not None:
         row["collab"] = collab
+    if conditioning_layer is not None:  # only then: every other generation's line is what it was
+        row["conditioning_layer"] = conditioning_layer
+        row["open_wait_s"] = open_wait_s
     if mode is not None:
         row = {"kind": "open", "mode": mode, **{k: v for k, v in row.items() if k != "kind"}}
     _write(out, row)

@@ -189,6 +189,9 @@ SESSION_CASES = {
     "protocol-1 client": (lambda m: [open_msg(m, protocol=0)], ORDER, "upgrade the edge"),
     "protocol from the future": (lambda m: [open_msg(m, protocol=PROTOCOL_VERSION + 1)], ORDER,
                                  "upgrade the verifier"),
+    # LLM-to-SLM prompt conditioning: the demo LLM has 4 decoder layers, so hidden_states[0..4] may be asked for
+    "conditioning layer past the LLM's layers": (lambda m: [open_msg(m, conditioning_layer=5)], INVALID,
+                                                 "0 (the embeddings) to 4"),
     "position behind the agreed text": (lambda m: [open_msg(m), verify_msg(position=2)], INVALID, "position"),
     "position past the agreed text": (lambda m: [open_msg(m), verify_msg(position=2**40)], INVALID, "position"),
     "epoch from the future": (lambda m: [open_msg(m), verify_msg(epoch=1)], INVALID, "epoch"),
