@@ -40,12 +40,17 @@ def generate_local(
     settings: SamplingSettings = SamplingSettings(),
     seed: int | None = None,
     stop_at_eos: bool = True,
+    conditioning: np.ndarray | None = None,
 ) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` with the SLM alone."""
+    """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` with the SLM alone.
+
+    ``conditioning`` [len(prompt_ids), dim]: a prompt-conditioned SLM's LLM hidden-state rows for the prompt
+    (``model.conditioning`` says which); None = zeros, the SLM alone without a verifier. Generated positions are
+    never conditioned (decode feeds zeros)."""
     rng = np.random.default_rng(seed)
     result = GenerationResult(list(prompt_ids))
     t0 = time.perf_counter()
-    logits = model.runtime.prefill(prompt_ids)
+    logits = model.runtime.prefill(prompt_ids, conditioning=conditioning)
     result.prefill_seconds = time.perf_counter() - t0
     t_decode = time.perf_counter()
     for step in range(max_new_tokens):

@@ -3,13 +3,15 @@
 Written by ``python -m models export``; read by the edge runtime and CLI. Its ``fingerprint`` (tokenizer
 hash, id space N, logit width) is what the edge sends in Open; the verifier pairs on the hash and N only
 (proto/fingerprint.py). Format 1 manifests (``vocab_size`` = the logit width, no id space) still load: the
-id space is then computed from the folder's ``tokenizer.json``.
+id space is then computed from the folder's ``tokenizer.json``. A prompt-conditioned SLM (LLM-to-SLM,
+``models/conditioned.py``) records ``conditioning``: which LLM hidden state its graph's extra input takes
+(``ConditioningSpec``); absent (null) for every other model.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from proto.fingerprint import id_space
@@ -22,6 +24,17 @@ GENAI_CONFIG = "genai_config.json"  # what onnxruntime-genai loads a folder by (
 
 class ModelFolderError(ValueError):
     """A model folder that cannot be used, with a message a person can act on."""
+
+
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """What a prompt-conditioned SLM's graph takes besides the ids: the frozen LLM's hidden state
+    (``output_hidden_states`` index ``layer``: 0 = embeddings, L = the last layer's), ``dim`` wide, per new
+    position, fed as the input named ``input``; zero rows (every non-prompt position) mean no conditioning."""
+
+    layer: int
+    dim: int
+    input: str
 
 
 @dataclass
@@ -49,6 +62,14 @@ class Manifest:
     # The id a span-learned SLM draws to hand the rest of a step to the LLM (edge/coarse.py, mode span-learned);
     # None for any other model. An existing id of the tokenizer (inside the id space), never a token of the text.
     offload_marker_id: int | None = None
+    # A prompt-conditioned SLM's extra input ({"layer": k, "dim": H_llm, "input": "llm_hidden"}, ConditioningSpec);
+    # None for an unconditioned model (every manifest written before conditioning existed).
+    conditioning: dict | None = None
+
+    @property
+    def conditioning_spec(self) -> ConditioningSpec | None:
+        """``conditioning`` as a ConditioningSpec (checked at load), or None for an unconditioned model."""
+        return None if self.conditioning is None else ConditioningSpec(**self.conditioning)
 
     @property
     def required_files(self) -> list[str]:
@@ -110,9 +131,32 @@ def _check_fields(manifest: Manifest, path: Path) -> None:
                                or not 0 <= marker < manifest.id_space):
         raise ModelFolderError(f"{path}: offload_marker_id must be null or an integer id in 0..{manifest.id_space - 1} "
                                f"(the id space), got {str(marker)[:50]}")
+    _check_conditioning(manifest, path)
     limit = manifest.max_positions
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ModelFolderError(f"{path}: max_positions must be a positive integer or null, got {str(limit)[:50]}")
+
+
+def _check_conditioning(manifest: Manifest, path: Path) -> None:
+    """``conditioning`` is null, or exactly {layer: int >= 0, dim: int >= 1, input: a name the graph declares}, on
+    an ort export (the genai runtime feeds no extra input)."""
+    spec = manifest.conditioning
+    if spec is None:
+        return
+    keys = {f.name for f in fields(ConditioningSpec)}
+    if not isinstance(spec, dict) or set(spec) != keys:
+        raise ModelFolderError(f"{path}: conditioning must be null or {{\"layer\", \"dim\", \"input\"}}, got "
+                               f"{str(spec)[:100]}")
+    layer, dim, name = spec["layer"], spec["dim"], spec["input"]
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ModelFolderError(f"{path}: conditioning.layer must be an integer >= 0, got {str(layer)[:50]}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ModelFolderError(f"{path}: conditioning.dim must be an integer >= 1, got {str(dim)[:50]}")
+    if not isinstance(name, str) or name not in manifest.inputs:
+        raise ModelFolderError(f"{path}: conditioning.input must name one of the graph's inputs "
+                               f"({', '.join(map(str, manifest.inputs))}), got {str(name)[:50]}")
+    if manifest.runtime != "ort":
+        raise ModelFolderError(f"{path}: a conditioned model runs on the ort runtime only, got {manifest.runtime}")
 
 
 def _upgrade_format_1(data: dict, folder: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge.manifest import GENAI_CONFIG, Manifest, ModelFolderError, load_manifest
+from edge.manifest import GENAI_CONFIG, ConditioningSpec, Manifest, ModelFolderError, load_manifest
 from edge.runtime import OnnxCausalLM
 
 BACKENDS = ("auto", "ort", "genai")  # auto = the runtime the manifest names
@@ -27,6 +27,9 @@ class EdgeModel:
         self.runtime = open_runtime(self.folder, self.manifest, self.backend, providers, threads)
         self.eos_ids = frozenset(self.manifest.eos_token_ids)
         self.max_positions = self.manifest.max_positions
+        # A prompt-conditioned SLM: which LLM hidden state to feed its prefill (None: an unconditioned model).
+        self.conditioning: ConditioningSpec | None = self.manifest.conditioning_spec
+        check_conditioning_input(self.folder, self.conditioning, self.runtime)
 
     def context_full(self, total_tokens: int) -> bool:
         """Whether a sequence of ``total_tokens`` (prompt + generated) has reached the context limit: the
@@ -40,6 +43,18 @@ class EdgeModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def check_conditioning_input(folder: Path, spec: ConditioningSpec | None, runtime) -> None:
+    """The manifest's conditioning and the graph's input agree (name and width), so a row the verifier sends
+    fits the graph; an unconditioned manifest with a conditioned graph is refused too (nobody would feed it)."""
+    dim = getattr(runtime, "conditioning_dim", None)
+    if spec is None and dim is not None:
+        raise ModelFolderError(f"{folder}: the graph takes {runtime.conditioning_input} but manifest.json names no "
+                               "conditioning; re-run the export")
+    if spec is not None and dim != spec.dim:
+        raise ModelFolderError(f"{folder}: manifest.json says conditioning {spec.input} is {spec.dim} wide, the graph "
+                               f"takes {dim if dim is not None else 'no such input'}; re-run the export")
 
 
 def resolve_backend(manifest: Manifest, backend: str = "auto") -> str:
@@ -64,4 +79,6 @@ def open_runtime(folder: Path, manifest: Manifest, backend: str, providers: str 
         return GenaiCausalLM(folder, **kwargs)
     if manifest.runtime == "genai":  # its graph keeps the KV cache in one shared buffer that only genai drives
         raise ModelFolderError(f"{folder} is an onnxruntime-genai export: run it with --backend genai (or auto)")
+    if manifest.conditioning is not None:  # the input name the manifest gives (checked against the graph)
+        kwargs["conditioning_input"] = manifest.conditioning["input"]
     return OnnxCausalLM(folder / manifest.model_file, **kwargs)

@@ -12,6 +12,11 @@ What this wrapper guarantees:
   one-line error, instead of an ORT traceback from a position table that has run out.
 - Logits come back sliced to the tokenizer's id space N (``id_space``): every caller (the hybrid loop,
   SLM-only generation, the uncertainty estimators) sees [N] rows, never the model's padding rows past N.
+- A prompt-conditioned SLM (LLM-to-SLM, ``models/conditioned.py``) has one more input, ``llm_hidden``
+  [1, n_new, dim] float32: the frozen LLM's hidden state per new position, added (through a projector inside the
+  graph) to the SLM's input embeddings; a zero row adds exactly nothing. ``forward``/``prefill`` take it as
+  ``conditioning`` [n_new, dim]; every other call (decode, truncate, a caller that passes nothing, the CUDA IO
+  binding path) feeds zeros. A graph without that input is fed exactly what it was fed before.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import onnxruntime as ort
 from proto.fingerprint import check_logit_width
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+CONDITIONING_INPUT = "llm_hidden"  # the extra input of a prompt-conditioned SLM's graph (float32 [batch, seq, dim])
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -71,10 +77,15 @@ class DecoderSteps:
     """``prefill`` and ``decode`` in terms of a runtime's ``reset`` and ``forward`` (ids -> logits [n_new, N]):
     the same two steps for every edge backend."""
 
-    def prefill(self, token_ids: list[int]) -> np.ndarray:
-        """Start a new sequence from ``token_ids``; returns the logits [N] of the last position."""
+    def prefill(self, token_ids: list[int], conditioning: np.ndarray | None = None) -> np.ndarray:
+        """Start a new sequence from ``token_ids``; returns the logits [N] of the last position.
+
+        ``conditioning`` [len(token_ids), dim]: the LLM's hidden-state rows for a prompt-conditioned SLM (None =
+        zeros, no conditioning); only a runtime whose ``forward`` takes it is handed it."""
         self.reset()
-        return self.forward(token_ids)[-1]
+        if conditioning is None:  # runtimes without conditioning (genai) keep their one-argument forward
+            return self.forward(token_ids)[-1]
+        return self.forward(token_ids, conditioning=conditioning)[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
         """Feed one token; returns the logits [N] of the next position."""
@@ -89,7 +100,8 @@ class OnnxCausalLM(DecoderSteps):
     """
 
     def __init__(self, onnx_path: str | Path, providers: str | list[str] | None = "auto", threads: int = 0,
-                 id_space: int | None = None, max_positions: int | None = None):
+                 id_space: int | None = None, max_positions: int | None = None,
+                 conditioning_input: str = CONDITIONING_INPUT):
         self.max_positions = max_positions
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -109,6 +121,8 @@ class OnnxCausalLM(DecoderSteps):
         missing = [n for n in self._output_names if n not in {o.name for o in self.session.get_outputs()}]
         if missing or "input_ids" not in self._input_names:
             raise ValueError(f"{onnx_path} is not a text-generation-with-past export (missing {missing})")
+        self.conditioning_input = conditioning_input
+        self.conditioning_dim = self._conditioning_dim(onnx_path)  # None: an unconditioned graph
         self.logit_width = int(self.session.get_outputs()[0].shape[-1])  # the model's rows, padding included
         self.id_space = self.logit_width if id_space is None else int(id_space)  # the width of returned logits
         check_logit_width(self.logit_width, self.id_space, str(onnx_path))
@@ -123,7 +137,17 @@ class OnnxCausalLM(DecoderSteps):
     def reset(self) -> None:
         self.cache = self.empty_cache()
 
-    def _feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _conditioning_dim(self, onnx_path) -> int | None:
+        """The width of the graph's conditioning input (its last axis), or None when it has none."""
+        declared = [i for i in self.session.get_inputs() if i.name == self.conditioning_input]
+        if not declared:
+            return None
+        dim = declared[0].shape[-1]
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{onnx_path}: input {self.conditioning_input} needs a fixed last axis, got {dim}")
+        return dim
+
+    def _feeds(self, input_ids: np.ndarray, conditioning: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Non-cache inputs, by name; only those this export declares."""
         n_new = input_ids.shape[1]
         total = self.cache.length + n_new
@@ -132,15 +156,32 @@ class OnnxCausalLM(DecoderSteps):
             feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self._input_names:
             feeds["position_ids"] = np.arange(self.cache.length, total, dtype=np.int64)[None, :]
+        if self.conditioning_dim is not None:
+            feeds[self.conditioning_input] = self._conditioning_rows(conditioning, n_new)
         return feeds
 
-    def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
-        """Run ``token_ids`` after the cached context; returns logits [n_new, N] and extends the cache."""
+    def _conditioning_rows(self, conditioning: np.ndarray | None, n_new: int) -> np.ndarray:
+        """[1, n_new, dim] float32: the given rows, or zeros (no conditioning: the graph adds exactly nothing)."""
+        if conditioning is None:
+            return np.zeros((1, n_new, self.conditioning_dim), dtype=np.float32)
+        rows = np.asarray(conditioning, dtype=np.float32)
+        if rows.shape != (n_new, self.conditioning_dim):
+            raise ValueError(f"conditioning must be [{n_new}, {self.conditioning_dim}] (one row per new position), "
+                             f"got {list(rows.shape)}")
+        return np.ascontiguousarray(rows[None])
+
+    def forward(self, token_ids: list[int] | np.ndarray, conditioning: np.ndarray | None = None) -> np.ndarray:
+        """Run ``token_ids`` after the cached context; returns logits [n_new, N] and extends the cache.
+
+        ``conditioning`` [n_new, dim] float32: a prompt-conditioned SLM's LLM hidden-state rows for these positions
+        (None: zeros); refused for a graph that takes none."""
         input_ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         if input_ids.shape[1] == 0:
             raise ValueError("forward needs at least one token")
+        if conditioning is not None and self.conditioning_dim is None:
+            raise ValueError(f"this model takes no conditioning (its graph has no {self.conditioning_input} input)")
         check_context(self.cache.length, input_ids.shape[1], self.max_positions)
-        feeds = self._feeds(input_ids)
+        feeds = self._feeds(input_ids, conditioning)
         logits = self._forward_bound(feeds, input_ids.shape[1]) if self.on_cuda else self._forward_host(feeds)
         return logits[:, : self.id_space]  # [n_new, N]: the one place padding rows are dropped
 

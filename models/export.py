@@ -10,6 +10,10 @@ own runtime (prefill and a KV-cached decode step), over every logit row; the exp
 tolerance. The manifest records the model's logit width and the tokenizer's id space N (the edge slices
 logits to N); a model with fewer rows than N is refused. A span-learned SLM's folder names its offload marker
 in ``span_marker.json`` (``models/span_marker.py``); the manifest copies it as ``offload_marker_id``.
+A prompt-conditioned SLM's folder (``conditioning.json``, ``models/conditioned.py``) is exported with its projector
+inside the graph and one more input, ``llm_hidden``, through the same optimum call with a custom ONNX config
+(``custom_onnx_configs``); its parity check feeds non-zero conditioning at prefill, and the manifest records
+``conditioning``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 from cloud.attention import attn_implementation
 from edge.manifest import Manifest
 from edge.runtime import OnnxCausalLM
+from models.conditioned import (conditioned_onnx_config, load_conditioned, manifest_conditioning, parity_rows,
+                                read_conditioning)
 from models.metadata import eos_token_ids, external_data_files, max_positions
 from models.span_marker import MARKER_FILE, read_marker_id
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
@@ -44,6 +50,8 @@ def load_reference(model_source: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if read_conditioning(model_source) is not None:  # the SLM with its projector: the graph holds both
+        return load_conditioned(model_source)
     attn = attn_implementation(AutoConfig.from_pretrained(model_source))
     return AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32, attn_implementation=attn).eval()
 
@@ -57,6 +65,8 @@ def _optimum_export(model: str, out: Path) -> None:
     # forward): so the model is loaded here and handed to onnx_export_from_model, which main_export ends with.
     reference = load_reference(model)
     reference.config.use_cache = True  # as main_export does for a -with-past task
+    conditioning = read_conditioning(model)
+    custom = None if conditioning is None else {"model": conditioned_onnx_config(reference, conditioning["dim"])}
     onnx_export_from_model(
         reference,
         output=out,
@@ -64,6 +74,7 @@ def _optimum_export(model: str, out: Path) -> None:
         device="cpu",
         do_validation=False,  # parity is checked below, through the edge runtime itself
         preprocessors=maybe_load_preprocessors(model),
+        custom_onnx_configs=custom,  # a conditioned SLM: optimum's Llama config plus the llm_hidden input
     )
 
 
@@ -97,15 +108,20 @@ def parity_check(model_source: str, onnx_path: Path | None, prompts: list[str] =
     tokenizer = AutoTokenizer.from_pretrained(model_source)
     reference = load_reference(model_source)  # Gemma-2: eager, so the reference applies its soft-capping
     runtime = runtime or OnnxCausalLM(onnx_path, providers="cpu")
+    conditioning = read_conditioning(model_source)
     worst, top1_agree, n = 0.0, 0, 0
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
-        with torch.inference_mode():
-            ref = reference(torch.tensor([ids])).logits[0].numpy()  # [T, V]
         if len(ids) < 2:
             raise ExportError(f"parity prompt {prompt!r} tokenizes to fewer than 2 tokens")
+        # a conditioned SLM: non-zero rows at prefill (one zero row inside), zeros at the cached step (as the edge)
+        rows = None if conditioning is None else parity_rows(len(ids), conditioning["dim"], seed=n)  # [T, dim]
+        extra = {} if rows is None else {"llm_hidden": torch.from_numpy(rows)[None]}
+        with torch.inference_mode():
+            ref = reference(torch.tensor([ids]), **extra).logits[0].numpy()  # [T, V]
         runtime.reset()
-        prefix = runtime.forward(ids[:-1])  # [T-1, V] in one prefill
+        prefix = (runtime.forward(ids[:-1]) if rows is None  # [T-1, V] in one prefill
+                  else runtime.forward(ids[:-1], conditioning=rows[:-1]))
         last = runtime.decode(ids[-1])[None, :]  # [1, V]: the last position through the KV cache
         got = np.concatenate([prefix, last])
         worst = max(worst, float(np.abs(got - ref).max()))
@@ -184,6 +200,7 @@ def export_model(model: str, out: Path, fp16: bool = False, int8: bool = False) 
             external_data=external_data_files(onnx_path),
             max_positions=max_positions(config),
             offload_marker_id=offload_marker_id(model, n),
+            conditioning=manifest_conditioning(model),
         )
         manifest.save(staging)
         if out.exists():
