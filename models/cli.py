@@ -1,4 +1,5 @@
-"""Command line of `python -m models`: demo-pair, export, evaluate, pairs, span-slm."""
+"""Command line of `python -m models`: demo-pair, export, evaluate, pairs, span-slm, distill,
+conditioned-slm."""
 
 from __future__ import annotations
 
@@ -202,6 +203,152 @@ def _add_span_slm(sub) -> None:
     p.set_defaults(func=_span_slm)
 
 
+def _distill(args) -> int:
+    """Fine-tune, save and export a distilled copy of the demo SLM (and the control), then measure them."""
+    from models.distill import DistillSpec, control_paths, format_report, run_distill
+    from models.export import ExportError
+
+    out, onnx_out = Path(args.out), Path(args.onnx_out)
+    control = control_paths(out, onnx_out) if args.control else None
+    folders = [out, onnx_out, *(control or ())]
+    if len(set(map(Path.resolve, folders))) < len(folders):
+        raise UserError(f"--out {out} and --onnx-out {onnx_out} must name different folders (controls included)")
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} exists and is not a folder")
+    try:
+        record = run_distill(out, onnx_out, DistillSpec(alpha=args.alpha, steps=args.steps, seed=args.seed), control,
+                             args.n_eval, args.report, args.threads, "python -m models " + " ".join(args.argv))
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    for rec in [record] + ([record["control"]] if control else []):
+        print(f"{rec['what']}: {rec['train_seconds']} s, final loss {rec['final_loss']:.4f} -> {rec['export']['onnx']} "
+              f"(parity max |diff| {rec['export']['parity']['max_abs_diff']:.2e})")
+    if args.n_eval:
+        print(format_report(record["measure"]))
+        print(f"report -> {args.report}")
+    return 0
+
+
+def _unit_interval(text: str) -> float:
+    from argparse import ArgumentTypeError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
+def _add_distill(sub) -> None:
+    from models.distill import DistillSpec
+
+    d = DistillSpec()
+    p = sub.add_parser("distill", help="fine-tune a copy of the demo SLM on alpha * KL(LLM || SLM) + (1 - alpha) * "
+                                       "cross-entropy (knowledge distillation), export it, measure it")
+    p.add_argument("--out", default="build/distilled_slm", help="the distilled transformers folder (default "
+                                                                 "%(default)s)")
+    p.add_argument("--onnx-out", default="build/distilled_slm-onnx", help="its ONNX export (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="fine-tuning steps (default %(default)s)")
+    p.add_argument("--alpha", type=_unit_interval, default=d.alpha,
+                   help="weight of the KL term in [0, 1]; 0 = hard labels only (default %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="problems, batches and evaluation seeds")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch and edge-runtime threads (default "
+                                                                   "%(default)s)")
+    p.add_argument("--control", action="store_true", help="also the identical fine-tune with alpha = 0 "
+                   "(OUT-control, ONNX folder with -control after OUT's name): separates distillation from extra "
+                   "training")
+    p.add_argument("--n-eval", type=non_negative_int, default=500,
+                   help="held-out problems to measure (0: skip; default %(default)s)")
+    p.add_argument("--report", type=Path, default=Path("reports/distill.json"),
+                   help="where the measure is written (default %(default)s)")
+    p.set_defaults(func=_distill)
+
+
+def _conditioned_slm(args) -> int:
+    """Build (choose the LLM layer, fine-tune, save, export) and/or measure a prompt-conditioned SLM
+    (models/conditioned.py)."""
+    from models.conditioned import (DEFAULT_LLM, ConditionedSpec, control_paths, format_report, llm_layers,
+                                    run_conditioned)
+    from models.export import ExportError
+
+    out, onnx_out = Path(args.out), Path(args.onnx_out)
+    folders = [out, onnx_out, *(control_paths(out, onnx_out) if args.control else ())]
+    if len(set(map(Path.resolve, folders))) < len(folders):
+        raise UserError(f"--out {out} and --onnx-out {onnx_out} must name different folders (controls included)")
+    if args.layer is not None and args.layer > llm_layers(DEFAULT_LLM):
+        raise UserError(f"--layer must be auto or in 0..{llm_layers(DEFAULT_LLM)} (the LLM's hidden states), "
+                        f"got {args.layer}")
+    if args.eval_only and not (onnx_out / "manifest.json").is_file():
+        raise UserError(f"--eval-only needs an export in {onnx_out}: run python -m models conditioned-slm first")
+    spec = ConditionedSpec(layer=args.layer, steps=args.steps, seed=args.seed)
+    try:
+        result = run_conditioned(out, onnx_out, spec, args.control, args.n_eval, args.report, tuple(args.temperatures),
+                                 args.threads, args.eval_only, "python -m models " + " ".join(args.argv))
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    if result["recipe"]:
+        rec = result["recipe"]
+        print(f"conditioned SLM: LLM layer {rec['conditioning']['layer']}, fine-tuned in {rec['train_seconds']} s, "
+              f"validation loss {rec['validation_loss']['llm_rows']:.4f} (zero rows "
+              f"{rec['validation_loss']['zero_rows']:.4f}) -> {out}")
+    for onnx, export in result["exports"].items():
+        print(f"exported -> {onnx} (parity max |diff| {export['parity']['max_abs_diff']:.2e}, conditioning "
+              f"{export['conditioning']})")
+    if result["measure"]:
+        print(format_report(result["measure"]))
+        print(f"report -> {args.report}")
+    return 0
+
+
+def _layer(text: str) -> int | None:
+    """``auto`` (None: chosen by measurement) or a hidden-state index >= 0."""
+    from argparse import ArgumentTypeError
+
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise ArgumentTypeError(f"must be auto or an integer >= 0, got {text}")
+    return int(text)
+
+
+def _temperatures(text: str) -> list[float]:
+    from argparse import ArgumentTypeError
+
+    try:
+        return [non_negative_float(t.strip()) for t in text.split(",")]
+    except ValueError:  # float('x'): argparse would print no reason
+        raise ArgumentTypeError(f"must be comma-separated numbers >= 0, got {text}") from None
+
+
+def _add_conditioned_slm(sub) -> None:
+    p = sub.add_parser("conditioned-slm", help="LLM-to-SLM prompt conditioning: fine-tune a copy of the demo SLM "
+                                               "with a projector reading the frozen demo LLM's prompt states, export "
+                                               "it (extra input llm_hidden), measure it")
+    p.add_argument("--out", default="build/conditioned_slm", help="the fine-tuned folder: SLM, projector, "
+                                                                  "conditioning.json (default %(default)s)")
+    p.add_argument("--onnx-out", default="build/conditioned_slm-onnx", help="its ONNX export (default %(default)s)")
+    p.add_argument("--layer", type=_layer, default=None, help="the LLM hidden state to read (0 = embeddings .. L), or "
+                   "auto: a short fine-tune per candidate, lowest validation loss (default auto)")
+    p.add_argument("--steps", type=positive_int, default=400, help="fine-tuning steps (default %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="problems, batches, projector and evaluation seeds")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch and edge-runtime threads (default "
+                                                                   "%(default)s)")
+    p.add_argument("--control", action="store_true", help="also the identical fine-tune with the conditioning zeroed "
+                   "(OUT-control, build/conditioned_slm-control-onnx for the defaults): separates the conditioning "
+                   "from the extra training")
+    p.add_argument("--n-eval", type=non_negative_int, default=500,
+                   help="held-out problems to measure SLM-only (0: skip; default %(default)s)")
+    p.add_argument("--temperatures", type=_temperatures, default=[1.0, 0.0],
+                   help="comma-separated sampling temperatures of the measure (default 1,0)")
+    p.add_argument("--eval-only", action="store_true", help="measure an existing build (skip training and export)")
+    p.add_argument("--report", type=Path, default=Path("reports/conditioned_slm.json"),
+                   help="where the measure is written (default %(default)s)")
+    p.set_defaults(func=_conditioned_slm)
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m models", description=__doc__, formatter_class=RawDescriptionHelpFormatter,
                            epilog="Known real pairs (python -m models pairs):\n" + format_pairs())
@@ -231,6 +378,8 @@ def build_parser() -> OneLineParser:
     p = sub.add_parser("pairs", help="list known real model pairs that share a tokenizer")
     p.set_defaults(func=_pairs)
     _add_span_slm(sub)
+    _add_distill(sub)
+    _add_conditioned_slm(sub)
     return parser
 
 

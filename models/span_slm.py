@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.finetune import encode_problem, finetune_loop, load_slm, lr_at, pad_batch, save_fp16  # noqa: F401
 from models.span_marker import (IGNORE, choose_marker_id, marker_record, split_steps, step_end_ids, step_starts,
                                 substitute_labels, write_marker_file)
 from models.task import Problem, sample_problems
@@ -85,24 +86,6 @@ class Annotation:
     def hard_starts(self, min_wrong: int, ends: frozenset[int]) -> list[int]:
         starts = step_starts(self.solution_ids, ends)
         return [s for s, w in zip(starts, self.wrong) if w >= min_wrong]
-
-
-# -- loading -------------------------------------------------------------------------------------------
-def load_slm(folder: str | Path):
-    """The SLM in fp32 for training or sampling, and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    return model, tokenizer
-
-
-def encode_problem(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
-    """(BOS + prompt ids, solution ids + EOS), tokenized as train.py does (prompt and solution separately)."""
-    prompt = tokenizer(problem.prompt, add_special_tokens=True)["input_ids"]
-    solution = tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt, solution
 
 
 # -- annotation ----------------------------------------------------------------------------------------
@@ -234,17 +217,6 @@ def plain_rows(annotations: list[Annotation]) -> list[tuple[list[int], list[int]
             for a in annotations]
 
 
-def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded [B, L] inputs, attention mask and labels (IGNORE on padding)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
-    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
-    return ids, mask, labels
-
-
 def correct_targets(rows: list[tuple[list[int], list[int]]], width: int):
     """[B, L] the correct next token at every position (IGNORE where no loss), ignoring substitutions."""
     import torch
@@ -323,43 +295,18 @@ def head_ids_of(rows, marker_id: int):
     return torch.tensor(sorted(ids | {marker_id}))
 
 
-def lr_at(step: int, spec: SpanSpec) -> float:
-    start = int(spec.constant_share * spec.steps)
-    if step < start:
-        return spec.lr
-    return spec.lr * max(0.0, (spec.steps - step) / max(1, spec.steps - start))
-
-
 def finetune(model, rows, marker_id: int, pad_id: int, spec: SpanSpec, progress: bool = True) -> dict:
     """AdamW over random batches of ``rows`` (seeded): logits over the task's ids and the marker for the first
     ``restricted_share`` of the steps, then the full 32k softmax on ``full_batch`` rows (as models/train.py
     does: cheap learning first, real tails at the end); returns the training record."""
-    import torch
-    from tqdm import tqdm
-
-    from models.train import optimizer_step
-
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
     head_ids = head_ids_of(rows, marker_id)
-    restricted_steps = int(spec.restricted_share * spec.steps)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
-    t0, losses = time.perf_counter(), []
-    bar = tqdm(range(spec.steps), desc="fine-tune span SLM", disable=not progress, mininterval=2)
-    for step in bar:
-        restricted = step < restricted_steps
-        batch = [rows[i] for i in rng.integers(0, len(rows), size=spec.batch if restricted else spec.full_batch)]
-        loss = sft_loss(model, batch, marker_id, pad_id, spec.marker_weight, head_ids if restricted else None,
+
+    def batch_loss(batch, restricted: bool):
+        return sft_loss(model, batch, marker_id, pad_id, spec.marker_weight, head_ids if restricted else None,
                         spec.probe)
-        optimizer_step(opt, model, loss, lr_at(step, spec))
-        losses.append(loss.item())
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")
-    bar.close()
-    model.eval()
-    return {"train_seconds": round(time.perf_counter() - t0, 1), "final_loss": float(np.mean(losses[-25:])),
-            "head_ids": len(head_ids)}
+
+    record = finetune_loop(model, rows, spec, batch_loss, "fine-tune span SLM", progress)
+    return {"train_seconds": record["train_seconds"], "final_loss": record["final_loss"], "head_ids": len(head_ids)}
 
 
 # -- the annotation, kept beside the weights ------------------------------------------------------------
@@ -431,9 +378,5 @@ def build_span_slm(out: Path, spec: SpanSpec = SpanSpec(), source: Path = DEFAUL
 
 def save_plain(model, tokenizer, out: Path, record: dict) -> None:
     """A control copy: fp16 weights, tokenizer and its recipe, no marker file."""
-    import torch
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_fp16(model, tokenizer, out)
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
