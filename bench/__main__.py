@@ -14,6 +14,8 @@ from bench import (decode_models, edge_decode, edge_real, pipeline, quality, rep
                    verifier)
 
 
+MODES_TR_PROBLEMS = 200  # the modes section's tr_at_99 threshold scan: problems per scanned point
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--out", type=Path, default=report.DEFAULT_OUT, help="JSON report (merged into)")
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "needs a core too)")
     parser.add_argument("--skip-modes", action="store_true",
                         help="skip the modes section (every collaboration mode on the same problems at T = 1 and 0, "
-                             "python -m eval modes; ~10 min)")
+                             "python -m eval modes, with tr_at_99 scans; ~30 min, plus ~40 min once to build the "
+                             "span, conditioned and distilled SLMs)")
     parser.add_argument("--modes-problems", type=int, default=300, help="held-out problems per mode (default 300)")
     parser.add_argument("--skip-validation", action="store_true",
                         help="sim section without the netns validation (sim.validation_max_error)")
@@ -122,7 +125,8 @@ def _modes_section(problems: int, command: str) -> dict:
     from simulate.modes import DEFAULT_PROBLEMS, fill_modes
 
     with modes_runners(threads=1) as runner_for:
-        section = run_modes(runner_for, held_out_problems(problems), (1.0, 0.0), 60, command)
+        section = run_modes(runner_for, held_out_problems(problems), (1.0, 0.0), 60, command,
+                            tr_problems=min(problems, MODES_TR_PROBLEMS))
         return fill_modes(section, runner_for, held_out_problems(min(problems, DEFAULT_PROBLEMS)))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from argparse import ArgumentTypeError
 
-from core.cli import OneLineParser, UserError, address, non_negative_float, positive_int, run_cli
+from core.cli import OneLineParser, UserError, address, non_negative_float, non_negative_int, positive_int, run_cli
 from edge.calibration import save_calibration
 from edge.manifest import ModelFolderError
 from edge.runtime import PROVIDER_ALIASES
@@ -96,7 +96,7 @@ def _modes(args) -> int:
         with modes_runners(args.threads, args.provider, args.verifier, args.seed, args.timeout,
                            args.model) as runner_for:
             section = run_modes(runner_for, held_out_problems(args.problems), tuple(args.temperatures),
-                                args.calibration_problems, command, tuple(args.modes))
+                                args.calibration_problems, command, tuple(args.modes), args.tr_problems)
     except VerifierError as exc:
         raise UserError(str(exc)) from None
     print(format_table(section))
@@ -193,6 +193,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--problems", type=positive_int, default=300, help="held-out problems per mode and temperature")
     p.add_argument("--modes", type=_mode_names, default=list(MODES),
                    help="comma-separated modes (default: all; a missing edge model is built first)")
+    p.add_argument("--tr-problems", type=non_negative_int, default=0,
+                   help="tr_at_99 of the token-level rows (default, conditioned, distilled) on the first N problems: "
+                        "a threshold scan per row (0 = skip, the default)")
     p.add_argument("--temperatures", type=_temperatures, default=[1.0, 0.0], help="comma-separated (default 1,0)")
     p.add_argument("--calibration-problems", type=positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)

@@ -158,18 +158,19 @@ def modes_runners(threads: int = 1, provider: str = "auto", verifier: str | None
 
 
 def format_table(section: dict) -> str:
-    head = (f"{'mode':<18} {'T':>3} {'exact':>5} {'accuracy':>15} {'vs default':>15} {'retention':>9} {'TR':>6} "
-            f"{'LLM share':>9} {'RT/tok':>7} {'up B/tok':>8} {'down B/tok':>10} {'tok/s':>7}")
+    head = (f"{'mode':<22} {'T':>3} {'exact':>5} {'accuracy':>15} {'vs default':>15} {'retention':>9} {'TR':>6} "
+            f"{'TR@99':>6} {'LLM share':>9} {'RT/tok':>7} {'up B/tok':>8} {'down B/tok':>10} {'tok/s':>7}")
     lines = [head, "-" * len(head)]
     for r in section["rows"]:
         diff = ("-" if r["diff_vs_default"] is None
                 else f"{100 * r['diff_vs_default']:+.1f}±{100 * r['diff_vs_default_ci95']:.1f}")
-        lines.append(f"{r['mode']:<18} {r['temperature']:>3g} {'yes' if r['exact'] else 'NO':>5} "
+        tr99 = "-" if r.get("tr_at_99") is None else f"{r['tr_at_99']:.3f}"
+        lines.append(f"{r['mode']:<22} {r['temperature']:>3g} {'yes' if r['exact'] else 'NO':>5} "
                      f"{100 * r['accuracy']:>8.1f}±{100 * r['ci95']:<5.1f} {diff:>15} {r['retention']:>9.3f} "
-                     f"{r['transmission_rate']:>6.3f} {r['llm_token_share']:>9.3f} {r['round_trips_per_token']:>7.3f} "
-                     f"{r['uplink_bytes_per_token']:>8.1f} {r['downlink_bytes_per_token']:>10.1f} "
-                     f"{r['tokens_per_s']:>7.1f}")
+                     f"{r['transmission_rate']:>6.3f} {tr99:>6} {r['llm_token_share']:>9.3f} "
+                     f"{r['round_trips_per_token']:>7.3f} {r['uplink_bytes_per_token']:>8.1f} "
+                     f"{r['downlink_bytes_per_token']:>10.1f} {r['tokens_per_s']:>7.1f}")
     lines.append(f"{section['problems']} held-out problems per row; accuracy in points with its 95% interval; "
-                 f"'vs default': paired difference on the same problems and seeds. Inexact by design: "
-                 f"{', '.join(section['inexact'])}")
+                 f"'vs default': paired difference on the same problems and seeds; TR@99: lowest transmission rate "
+                 f"at >= 99% retention (threshold scan). Inexact by design: {', '.join(section['inexact'])}")
     return "\n".join(lines)
