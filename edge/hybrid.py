@@ -116,6 +116,7 @@ class HybridResult:
     stale_verifies: int = 0  # Verifies sent on a branch a rejection had ended (answered stale)
     stale_uplink_bytes: int = 0
     open_wait_s: float = 0.0  # a conditioned SLM's wait for Opened (its prompt states) before prefilling; else 0
+    first_token_s: float = 0.0  # from the call until the prompt's logits are ready (the first draft follows)
 
     @property
     def sent(self) -> int:
@@ -462,6 +463,7 @@ def generate_hybrid(
     t_start = time.perf_counter()
     opening = open_while_prefilling(model, prompt_ids, config, open_session)
     verifier, result.open_wait_s = opening.verifier, opening.open_wait_s
+    result.first_token_s = time.perf_counter() - t_start
     if trace is not None:
         _write_open(trace, config, len(prompt_ids), opening, conditioning_layer(model))
     loop = _Loop(model, list(prompt_ids), config, seed, verifier, result, on_commit)

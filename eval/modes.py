@@ -99,7 +99,7 @@ def run_temperature(runner_for: Callable, problems, temperature: float, calibrat
                     **{k: row.get(k) for k in ("transmission_rate", "llm_token_share", "round_trips_per_token",
                                                "uplink_bytes_per_token", "downlink_bytes_per_token",
                                                "tokens_per_s", "tokens_digest", "correct", "cloud_share",
-                                               "llm_tokens_per_problem", "router_threshold")},
+                                               "llm_tokens_per_problem", "router_threshold", "first_token_ms")},
                     "sim_tokens_per_s": None, "problems": len(problems)})
     return out
 

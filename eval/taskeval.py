@@ -150,7 +150,15 @@ def summarize(name: str, runs: list[ProblemRun]) -> dict:
         "tokens_per_s": tokens / sum(run.result.seconds for run in runs),
         "tokens_digest": tokens_digest(runs),
         "correct": [int(is_correct(run.problem, run.result.text)) for run in runs],  # per problem, for paired CIs
+        "first_token_ms": first_token_ms(runs),
     }
+
+
+def first_token_ms(runs: list[ProblemRun]) -> float | None:
+    """Median time to the first token (ms): until the prompt's logits are ready, a conditioned SLM's wait for
+    Opened included; None for span/step runs (not recorded there)."""
+    times = sorted(run.result.first_token_s for run in runs if hasattr(run.result, "first_token_s"))
+    return 1e3 * times[len(times) // 2] if times else None
 
 
 def tokens_digest(runs: list[ProblemRun]) -> str:
