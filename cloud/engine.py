@@ -52,6 +52,7 @@ class SessionState:
     verifies: int = 0
     accepted: int = 0  # drafts accepted, over all blocks
     report_target_prob: bool = False  # Verdicts carry q(draft) (calibration runs ask for it)
+    span_stop_ids: frozenset[int] = frozenset()  # Open's: where a span without stop ids of its own ends
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,7 @@ class VerifierServicer:
         layer = check_conditioning_layer(op, self.engine.num_layers)
         state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None, op.epoch)
         state.report_target_prob = op.report_target_prob
+        state.span_stop_ids = frozenset(check_ids(op.span_stop_ids, n, "Open.span_stop_ids"))
         try:
             if layer is not None:  # refused before the forward, not by gRPC after it
                 check_conditioning_fits(len(prompt), self.engine.hidden_size, layer,
@@ -275,7 +276,7 @@ class VerifierServicer:
     def _verify(self, state: SessionState, v: pb.Verify, expected_seq: int) -> pb.Verdict:
         t_received = time.perf_counter()
         checked = check_verify(v, expected_seq, len(state.context), state.epoch, state.codec, self.engine.id_space,
-                               self.max_context)
+                               self.max_context, state.span_stop_ids)
         if checked is STALE:  # drafted on a branch a rejection has ended: answer it, change nothing
             self.metrics.stale.inc()
             return pb.Verdict(seq=v.seq, stale=True, epoch=state.epoch,

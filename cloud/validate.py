@@ -195,9 +195,10 @@ STALE = "stale"  # what check_verify returns for a Verify drafted in an ended ep
 
 
 def check_verify(v: pb.Verify, expected_seq: int, context_len: int, epoch: int, codec: CodecSpec, n: int,
-                 max_context: int) -> CheckedVerify | str:
+                 max_context: int, span_stop_ids: frozenset[int] = frozenset()) -> CheckedVerify | str:
     """The checked content of a Verify, ``STALE`` for one drafted in an ended epoch, or SessionAbort naming
-    what is wrong. ``context_len`` and ``epoch`` are the session's agreed length and current epoch."""
+    what is wrong. ``context_len`` and ``epoch`` are the session's agreed length and current epoch;
+    ``span_stop_ids`` (the Open's) end a span that names no stop ids of its own."""
     if v.seq != expected_seq:
         raise SessionAbort(INVALID, f"Verify.seq is {v.seq}, expected {expected_seq} (numbered from 1, one more "
                            "per Verify, stale ones included)", "seq")
@@ -225,17 +226,18 @@ def check_verify(v: pb.Verify, expected_seq: int, context_len: int, epoch: int, 
                            f"at or over the context limit of {max_context}", "context")
     pending = check_ids(v.pending_ids, n, "Verify.pending_ids")
     block = [_check_drafted(d, j, codec, n) for j, d in enumerate(v.block)]
-    span = _check_span(v.span, n, "Verify.span") if has_span else None
-    return CheckedVerify(pending, block, span, _check_step(v.step, n) if has_step else None)
+    span = _check_span(v.span, n, "Verify.span", span_stop_ids) if has_span else None
+    return CheckedVerify(pending, block, span, _check_step(v.step, n, span_stop_ids) if has_step else None)
 
 
-def _check_span(span: pb.SpanRequest, n: int, what: str) -> Span:
+def _check_span(span: pb.SpanRequest, n: int, what: str, session_stops: frozenset[int]) -> Span:
     if span.max_tokens < 1:
         raise SessionAbort(INVALID, f"{what}.max_tokens is 0: ask for at least one token", "span")
-    return Span(frozenset(check_ids(span.stop_ids, n, f"{what}.stop_ids")), int(span.max_tokens))
+    stops = frozenset(check_ids(span.stop_ids, n, f"{what}.stop_ids")) if span.stop_ids else session_stops
+    return Span(stops, int(span.max_tokens))
 
 
-def _check_step(step: pb.StepToJudge, n: int) -> Step:
+def _check_step(step: pb.StepToJudge, n: int, session_stops: frozenset[int]) -> Step:
     if not step.step_ids:
         raise SessionAbort(INVALID, "Verify.step.step_ids is empty: send the drafted step's ids", "step")
     if step.score not in STEP_SCORES:
@@ -244,7 +246,8 @@ def _check_step(step: pb.StepToJudge, n: int) -> Step:
     if not 0.0 <= step.threshold <= 1.0:  # NaN fails this too
         raise SessionAbort(INVALID, f"Verify.step.threshold is {step.threshold}; it must be in [0, 1]", "step")
     ids = check_ids(step.step_ids, n, "Verify.step.step_ids")
-    return Step(ids, step.score, float(step.threshold), _check_span(step.regenerate, n, "Verify.step.regenerate"))
+    return Step(ids, step.score, float(step.threshold), _check_span(step.regenerate, n, "Verify.step.regenerate",
+                                                                     session_stops))
 
 
 def _check_drafted(d: pb.DraftedPosition, j: int, codec: CodecSpec, n: int) -> tuple[int, Compressed]:

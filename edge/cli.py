@@ -45,10 +45,9 @@ def _hybrid(args, model, settings, prompt: tuple[str, list[int]]) -> dict:
     failover, transport = _failover(args), _transport(args)
     sessions: list[ResilientSession] = []
 
-    def open_session(prompt_ids, settings, codec, conditioning_layer=None):  # the layer: a conditioned SLM's
+    def open_session(prompt_ids, settings, codec, **open_args):  # conditioning_layer, span_stop_ids
         sessions.append(ResilientSession(failover, model.manifest.fingerprint, prompt_ids, settings, codec,
-                                         seed=args.seed, timeout=args.timeout, transport=transport,
-                                         conditioning_layer=conditioning_layer))
+                                         seed=args.seed, timeout=args.timeout, transport=transport, **open_args))
         return sessions[-1]
 
     trace = open(args.trace, "w") if args.trace else None

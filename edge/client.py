@@ -120,7 +120,8 @@ class VerifierSession:
 
     def __init__(self, channel: grpc.Channel, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
                  codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
-                 timeout: float = 30.0, epoch: int = 0, conditioning_layer: int | None = None):
+                 timeout: float = 30.0, epoch: int = 0, conditioning_layer: int | None = None,
+                 span_stop_ids: list[int] | tuple[int, ...] = ()):
         self.timeout = timeout
         self.report_target_prob = report_target_prob
         self.uplink_bytes = self.downlink_bytes = 0
@@ -143,6 +144,7 @@ class VerifierSession:
                            protocol=PROTOCOL_VERSION, epoch=epoch)
         if seed is not None:
             open_msg.seed = seed
+        open_msg.span_stop_ids.extend(span_stop_ids)  # spans and regenerated steps stop there (sent once)
         if conditioning_layer is not None:
             open_msg.conditioning_layer = conditioning_layer
         self._send(pb.EdgeMessage(open=open_msg))

@@ -105,7 +105,7 @@ class _CoarseLoop:
         self.pending: list[int] = []
         self.epoch = 0
         self.logits = logits  # the SLM's logits after the fed text
-        self.ends = set(config.step_end_ids) | set(model.eos_ids)
+        self.ends = step_ends(config, model)
         # trace: (TokenRecord, step index) per draft and RoundTripRecord per Verify, in order (None: not recording)
         self.log: list | None = [] if record else None
         self.drafts: list[TokenRecord] = []  # the drafts' records, in drafting order
@@ -202,8 +202,9 @@ class _CoarseLoop:
         tr.write_close(trace, len(r.token_ids), r.uplink_bytes, r.downlink_bytes, r.seconds, r.text)
 
     def span_request(self) -> pb.SpanRequest:
+        """A span up to the step's end: no stop ids of its own, the session's (Open.span_stop_ids) apply."""
         room = self.hc.max_new_tokens - len(self.tokens)
-        return pb.SpanRequest(stop_ids=sorted(self.ends), max_tokens=max(1, min(self.config.span_max_tokens, room)))
+        return pb.SpanRequest(max_tokens=max(1, min(self.config.span_max_tokens, room)))
 
     def online(self) -> bool:
         return self.verifier is not None and not self.verifier.lost
@@ -299,13 +300,30 @@ class _CoarseLoop:
                 self.step()
 
 
+def step_ends(config: CoarseConfig, model: EdgeModel) -> set[int]:
+    """Where a step, and so a span, ends: the task's step-end ids and EOS."""
+    return set(config.step_end_ids) | set(model.eos_ids)
+
+
+def with_span_stops(open_session: SessionOpener | None, stops: set[int]) -> SessionOpener | None:
+    """The opener, declaring the step ends once in Open (``span_stop_ids``) instead of in every span request:
+    a real vocabulary holds hundreds of ids with ';' or '#' in them (154 in the demo BPE)."""
+    if open_session is None:
+        return None
+
+    def open_with_stops(prompt_ids, settings, codec, **open_args):
+        return open_session(prompt_ids, settings, codec, span_stop_ids=sorted(stops), **open_args)
+    return open_with_stops
+
+
 def generate_coarse(model: EdgeModel, prompt_ids: list[int], config: CoarseConfig, seed: int | None = None,
                     open_session: SessionOpener | None = None, trace: TextIO | None = None) -> CoarseResult:
     """Generate with one of the span or step modes through the session ``open_session`` opens (SLM alone
     without one); with ``trace``, write the generation's trace lines (mode coarse) when it ends."""
     result = CoarseResult(list(prompt_ids))
     t_start = time.perf_counter()
-    opening = open_while_prefilling(model, prompt_ids, config.hybrid, open_session)
+    opening = open_while_prefilling(model, prompt_ids, config.hybrid,
+                                    with_span_stops(open_session, step_ends(config, model)))
     verifier, result.open_wait_s = opening.verifier, opening.open_wait_s
     open_bytes = (verifier.uplink_bytes, verifier.downlink_bytes) if verifier is not None else (0, 0)
     loop = _CoarseLoop(model, list(prompt_ids), config, seed, verifier, opening.logits, result,

@@ -51,10 +51,9 @@ class Runner:
         self.model, self.channel, self.settings, self.seed, self.timeout = model, channel, settings, seed, timeout
 
     def session_opener(self, seed: int, report_q: bool = False):
-        def open_session(prompt_ids, settings, codec, conditioning_layer=None):  # the layer: a conditioned SLM's
+        def open_session(prompt_ids, settings, codec, **open_args):  # conditioning_layer, span_stop_ids
             return VerifierSession(self.channel, self.model.manifest.fingerprint, prompt_ids, settings, codec,
-                                   seed=seed, report_target_prob=report_q, timeout=self.timeout,
-                                   conditioning_layer=conditioning_layer)
+                                   seed=seed, report_target_prob=report_q, timeout=self.timeout, **open_args)
         return open_session
 
     def hybrid(self, name: str, config: HybridConfig, problems, verify: bool = True, report_q: bool = False,

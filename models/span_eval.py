@@ -103,8 +103,9 @@ def run_coarse(name: str, model: EdgeModel, config: CoarseConfig, problems, seed
 
 
 def _opener(channel, model: EdgeModel, seed: int):
-    def open_session(prompt_ids, settings, codec):
-        return VerifierSession(channel, model.manifest.fingerprint, prompt_ids, settings, codec, seed=seed)
+    def open_session(prompt_ids, settings, codec, **open_args):  # span_stop_ids
+        return VerifierSession(channel, model.manifest.fingerprint, prompt_ids, settings, codec, seed=seed,
+                               **open_args)
     return open_session
 
 

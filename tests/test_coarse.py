@@ -42,8 +42,8 @@ def setup(slm_onnx):
 
 
 def opener(model, channel, seed):
-    return lambda ids, settings, codec: VerifierSession(channel, model.manifest.fingerprint, ids, settings, codec,
-                                                        seed=seed)
+    return lambda ids, settings, codec, **open_args: VerifierSession(channel, model.manifest.fingerprint, ids,
+                                                                     settings, codec, seed=seed, **open_args)
 
 
 def run(model, channel, config, seed):

@@ -160,3 +160,18 @@ def test_spans_and_steps_through_a_verifier_process(slm_onnx):
         assert len(last.span_ids) == 2 and session.agreed == len(PROMPT) + 5 + 3 + 4 + 1 + 2
         session.close()
         channel.close()
+
+
+def test_a_span_without_stop_ids_ends_at_the_sessions_and_its_own_override_them():
+    """Open.span_stop_ids are sent once; a SpanRequest naming no stop ids uses them, one naming some uses its own
+    (for a bare span and for a judged step's regeneration alike)."""
+    from cloud.validate import check_verify
+
+    session = frozenset({7, 9})
+    def checked(span=None, step=None):
+        v = pb.Verify(seq=1, position=5, span=span, step=step)
+        return check_verify(v, 1, 5, 0, CODEC, 100, 64, session)
+    assert checked(span=pb.SpanRequest(max_tokens=4)).span == Span(session, 4)
+    assert checked(span=pb.SpanRequest(max_tokens=4, stop_ids=[3])).span == Span(frozenset({3}), 4)
+    step = pb.StepToJudge(step_ids=[1, 2], score="min", threshold=0.5, regenerate=pb.SpanRequest(max_tokens=8))
+    assert checked(step=step).step.regenerate == Span(session, 8)
