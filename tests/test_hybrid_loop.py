@@ -299,8 +299,14 @@ def _pipelined(lookahead: int, delay: int, settings: SamplingSettings, estimator
     return result, opened[0], committed
 
 
-@pytest.mark.parametrize("settings", [SETTINGS, SamplingSettings(temperature=0.0)], ids=["T=1", "T=0"])
-@pytest.mark.parametrize("estimator", ["max-prob", "uhlm"])
+SLOW = pytest.mark.slow  # ~7 s each: make test runs every case, make test-fast the default's at T = 1
+
+
+@pytest.mark.parametrize("settings,estimator", [
+    pytest.param(SETTINGS, "max-prob", id="max-prob-T=1"),
+    pytest.param(SamplingSettings(temperature=0.0), "max-prob", id="max-prob-T=0", marks=SLOW),
+    pytest.param(SETTINGS, "uhlm", id="uhlm-T=1", marks=SLOW),
+    pytest.param(SamplingSettings(temperature=0.0), "uhlm", id="uhlm-T=0", marks=SLOW)])
 def test_pipelined_runs_give_the_stop_and_wait_tokens(settings, estimator):
     """The pipeline's main correctness property: with the same seeds, any lookahead and any verdict delay
     give the tokens of stop-and-wait, because every draw (draft, estimator noise, verdict) is keyed by

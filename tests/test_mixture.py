@@ -66,6 +66,7 @@ def _threshold_rule(estimator_name: str):
 
 
 @pytest.mark.exactness
+@pytest.mark.slow  # ~17 s: runs in make test, not in make test-fast
 def test_uhlm_draft_dependent_rule_breaks_mixture():
     """U-HLM's u is the share of perturbed samples that differ from the draft, so a draft of the
     unlikely token looks uncertain and is sent far more often than a draft of the mode: the sent drafts
