@@ -22,7 +22,7 @@ from edge.client import VerifierSession, generate_remote
 from edge.coarse import CoarseResult, generate_coarse
 from edge.hybrid import HybridConfig, HybridResult, generate_hybrid
 from edge.model import EdgeModel
-from eval.policies import COARSE, GENERATE, LOCAL, Policy
+from eval.policies import COARSE, GENERATE, LOCAL, ROUTED, Policy
 from models.span_marker import STEP_END_CHARS
 from models.task import MAX_SOLUTION_TOKENS, Problem, held_out_problems, is_correct, sample_problems
 from proto import trace as tr
@@ -100,6 +100,8 @@ class Runner:
         """One row of a report: ``policy`` at ``threshold`` over ``problems``."""
         if policy.route == GENERATE:
             return self.llm_only(problems)
+        if policy.route == ROUTED:
+            raise ValueError(f"policy {policy.name!r} needs its router: run it with eval.routing.routed_policy_row")
         if policy.route == COARSE:
             return summarize(policy.name, self.coarse(policy, problems, threshold))
         config = policy.config(self.settings, threshold)

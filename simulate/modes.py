@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from eval.policies import POLICIES
+from eval.policies import POLICIES, ROUTED
 from simulate.config import LinkConfig, SimConfig
 from simulate.engine import simulate
 from simulate.trace import load_trace
@@ -41,6 +41,12 @@ def row_threshold(row: dict) -> float:
     return POLICIES[row["mode"]].threshold_from(None)
 
 
+def replayable(row: dict) -> bool:
+    """Every row but ``routed``: its generations mix two routes (Generate and hybrid) in one run, which one
+    trace file of one route cannot hold; its sim_tokens_per_s stays null."""
+    return POLICIES[row["mode"]].route != ROUTED
+
+
 def record_rows(rows: list[dict], runner_for: Callable, problems: list, folder: Path,
                 only_missing: bool = False) -> list[Path]:
     """Record each row's mode on ``problems`` into its trace file (``runner_for(temperature, slm)``: an eval
@@ -51,7 +57,7 @@ def record_rows(rows: list[dict], runner_for: Callable, problems: list, folder: 
     written = []
     for row in rows:
         path = trace_path(folder, row)
-        if only_missing and path.is_file():
+        if (only_missing and path.is_file()) or not replayable(row):
             continue
         policy = POLICIES[row["mode"]]
         record_policy(runner_for(row["temperature"], policy.slm), policy, row_threshold(row), problems, path)

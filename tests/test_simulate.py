@@ -354,3 +354,11 @@ def test_processor_sharing_follows_a_capacity_trace():
     # 100 units/s for 1 s, then 0 for 1 s, then 50/s; cyclic period 3 s. 150 units: 100 by 1 s, 50 more by 3 s
     cap = TraceCapacity(np.array([0.0, 1.0, 2.0]), np.array([100.0, 0.0, 50.0]), 3.0)
     assert _deliveries(cap, [(0, 150)]) == pytest.approx([3.0])
+
+
+def test_every_modes_row_but_routed_is_replayed():
+    """The routed row mixes Generate and hybrid generations in one run: no one-route trace holds it."""
+    from simulate.modes import replayable
+
+    assert not replayable({"mode": "routed"})
+    assert all(replayable({"mode": m}) for m in ("default", "llm-only", "conditioned", "step-exact", "span-learned"))
