@@ -35,6 +35,7 @@ from cloud.validate import Span, Step
 from core.cpus import model_threads
 from core.sampling import SamplingSettings, next_token, probabilities, softmax
 from proto.distribution import Compressed, CodecSpec
+from core.stops import ids_containing
 from proto.fingerprint import check_logit_width, id_space, tokenizer_hash
 
 
@@ -90,6 +91,7 @@ class VerifierModel:
         check_logit_width(self.logit_width, self.id_space, f"the verifier's model {source}")
         self.fingerprint = {"tokenizer_hash": tokenizer_hash(self.tokenizer), "id_space": self.id_space,
                             "logit_width": self.logit_width}
+        self._stop_sets: dict[str, frozenset[int]] = {}  # span stop characters -> ids (Open.span_stop_chars)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
         # Prompt conditioning: the layers a session may ask for are 0..num_layers (0: none can, when the model has
         # no decoder layer list); each row of Opened.conditioning is hidden_size wide.
@@ -109,6 +111,15 @@ class VerifierModel:
         kv = SessionKV() if self._kv_shape is not None else HFSessionKV(self.model.config)
         self.budget.register(kv)
         return kv
+
+    def ids_containing(self, chars: str) -> frozenset[int]:
+        """The ids whose text (each decoded alone) holds any of ``chars``: a session's span stops given as
+        characters. Decoding the vocabulary takes ~0.1 s per 32k ids, so each set is computed once."""
+        if chars not in self._stop_sets:
+            texts = self.tokenizer.batch_decode([[i] for i in range(self.id_space)], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+            self._stop_sets[chars] = ids_containing(texts, chars)
+        return self._stop_sets[chars]
 
     def open(self, prompt_ids: list[int], settings: SamplingSettings, codec: CodecSpec,
              seed: int | None, epoch: int = 0) -> SessionState:

@@ -36,7 +36,7 @@ from cloud.auth import TokenAuthInterceptor, TokenStore
 from cloud.engine import SessionState, VerifierModel
 from cloud.metrics import EngineCollector, VerifierMetrics
 from cloud.validate import (INVALID, ORDER, STALE, SessionAbort, check_codec, check_conditioning_fits,
-                            check_conditioning_layer, check_fingerprint, check_ids, check_prompt, check_protocol,
+                            check_conditioning_layer, check_fingerprint, check_ids, check_stop_chars, check_prompt, check_protocol,
                             check_sampling, check_verify)
 from core.process import VERIFIER_READY
 from proto import hybrid_pb2 as pb
@@ -249,7 +249,8 @@ class VerifierServicer:
         layer = check_conditioning_layer(op, self.engine.num_layers)
         state = self.engine.open(prompt, settings, codec, op.seed if op.HasField("seed") else None, op.epoch)
         state.report_target_prob = op.report_target_prob
-        state.span_stop_ids = frozenset(check_ids(op.span_stop_ids, n, "Open.span_stop_ids"))
+        state.span_stop_ids = (frozenset(check_ids(op.span_stop_ids, n, "Open.span_stop_ids"))
+                               | self.engine.ids_containing(check_stop_chars(op.span_stop_chars)))
         try:
             if layer is not None:  # refused before the forward, not by gRPC after it
                 check_conditioning_fits(len(prompt), self.engine.hidden_size, layer,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from core.sampling import SamplingSettings
+from core.stops import MAX_STOP_CHARS
 from proto import hybrid_pb2 as pb
 from proto.distribution import CodecSpec, Compressed
 from proto.payload import CodecError, decode
@@ -128,6 +129,14 @@ def check_protocol(op: pb.Open) -> None:
                            "edge", "protocol")
     raise SessionAbort(ORDER, f"Open.protocol is {op.protocol}, newer than this verifier's {PROTOCOL_VERSION}: "
                        "upgrade the verifier", "protocol")
+
+
+def check_stop_chars(chars: str) -> str:
+    """Open.span_stop_chars: a handful of characters (the ids holding them are the session's span stops)."""
+    if len(chars) > MAX_STOP_CHARS:
+        raise SessionAbort(INVALID, f"Open.span_stop_chars holds {len(chars)} characters ({shown(chars)}); give at "
+                           f"most {MAX_STOP_CHARS}, e.g. ';#' (a span ends after any token holding one)", "span")
+    return chars
 
 
 def check_conditioning_layer(op: pb.Open, num_layers: int) -> int | None:

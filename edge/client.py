@@ -121,7 +121,7 @@ class VerifierSession:
     def __init__(self, channel: grpc.Channel, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
                  codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
                  timeout: float = 30.0, epoch: int = 0, conditioning_layer: int | None = None,
-                 span_stop_ids: list[int] | tuple[int, ...] = ()):
+                 span_stop_ids: list[int] | tuple[int, ...] = (), span_stop_chars: str = ""):
         self.timeout = timeout
         self.report_target_prob = report_target_prob
         self.uplink_bytes = self.downlink_bytes = 0
@@ -145,6 +145,7 @@ class VerifierSession:
         if seed is not None:
             open_msg.seed = seed
         open_msg.span_stop_ids.extend(span_stop_ids)  # spans and regenerated steps stop there (sent once)
+        open_msg.span_stop_chars = span_stop_chars  # ... and after any token holding one of these characters
         if conditioning_layer is not None:
             open_msg.conditioning_layer = conditioning_layer
         self._send(pb.EdgeMessage(open=open_msg))

@@ -52,6 +52,7 @@ class CoarseConfig:
     mode: str
     hybrid: HybridConfig  # sampling settings, codec, estimator, threshold (trigger / gate / first sent), budget
     step_end_ids: frozenset[int]  # ids that end a step (the demo task: ';' and '#'); EOS ends one too
+    step_end_chars: str = ""  # when step_end_ids are the ids holding these characters: Open sends these instead
     span_max_tokens: int = 32  # LLM tokens per span or regenerated step
     step_max_tokens: int = 32  # SLM tokens per drafted step
     judge_score: str = "min"  # step-judge: "min" | "mean" of q(x)/max q
@@ -305,14 +306,17 @@ def step_ends(config: CoarseConfig, model: EdgeModel) -> set[int]:
     return set(config.step_end_ids) | set(model.eos_ids)
 
 
-def with_span_stops(open_session: SessionOpener | None, stops: set[int]) -> SessionOpener | None:
-    """The opener, declaring the step ends once in Open (``span_stop_ids``) instead of in every span request:
-    a real vocabulary holds hundreds of ids with ';' or '#' in them (154 in the demo BPE)."""
+def with_span_stops(open_session: SessionOpener | None, config: CoarseConfig, model: EdgeModel) -> SessionOpener | None:
+    """The opener, declaring the step ends once in Open instead of in every span request: as characters
+    (``span_stop_chars``, the verifier derives the same ids from the shared tokenizer) when the config has them,
+    else as ids; a real vocabulary holds hundreds of ids with ';' or '#' in them (154 in the demo BPE)."""
     if open_session is None:
         return None
+    ids = step_ends(config, model) - (config.step_end_ids if config.step_end_chars else set())
 
     def open_with_stops(prompt_ids, settings, codec, **open_args):
-        return open_session(prompt_ids, settings, codec, span_stop_ids=sorted(stops), **open_args)
+        return open_session(prompt_ids, settings, codec, span_stop_ids=sorted(ids),
+                            span_stop_chars=config.step_end_chars, **open_args)
     return open_with_stops
 
 
@@ -323,7 +327,7 @@ def generate_coarse(model: EdgeModel, prompt_ids: list[int], config: CoarseConfi
     result = CoarseResult(list(prompt_ids))
     t_start = time.perf_counter()
     opening = open_while_prefilling(model, prompt_ids, config.hybrid,
-                                    with_span_stops(open_session, step_ends(config, model)))
+                                    with_span_stops(open_session, config, model))
     verifier, result.open_wait_s = opening.verifier, opening.open_wait_s
     open_bytes = (verifier.uplink_bytes, verifier.downlink_bytes) if verifier is not None else (0, 0)
     loop = _CoarseLoop(model, list(prompt_ids), config, seed, verifier, opening.logits, result,

@@ -73,11 +73,11 @@ class ResilientSession:
     def __init__(self, failover: Failover, fingerprint: dict, prompt_ids: list[int], settings: SamplingSettings,
                  codec: CodecSpec, seed: int | None = None, report_target_prob: bool = False,
                  timeout: float = 30.0, transport: Transport = PLAINTEXT, conditioning_layer: int | None = None,
-                 span_stop_ids: list[int] | tuple[int, ...] = ()):
+                 span_stop_ids: list[int] | tuple[int, ...] = (), span_stop_chars: str = ""):
         self.failover, self.transport = failover, transport
         self._open_args = dict(fingerprint=fingerprint, settings=settings, codec=codec, seed=seed,
                                report_target_prob=report_target_prob, timeout=timeout,
-                               span_stop_ids=tuple(span_stop_ids))
+                               span_stop_ids=tuple(span_stop_ids), span_stop_chars=span_stop_chars)
         self.report_target_prob = report_target_prob
         self.history = list(prompt_ids)  # prompt + every agreed token: what a reopened session replays
         self.epoch = 0  # the verifier's epoch as of the last Verdict taken: a reopened session starts there

@@ -63,14 +63,16 @@ class Policy:
                             settings=settings, max_new_tokens=max_new_tokens, lookahead=self.lookahead)
 
     def coarse(self, settings: SamplingSettings, threshold: float, step_end_ids: frozenset[int],
-               marker_id: int | None = None, max_new_tokens: int = MAX_SOLUTION_TOKENS) -> CoarseConfig:
+               marker_id: int | None = None, max_new_tokens: int = MAX_SOLUTION_TOKENS,
+               step_end_chars: str = "") -> CoarseConfig:
         """The span/step loop's configuration for this policy (route ``coarse`` only)."""
         if self.route != COARSE:
             raise ValueError(f"policy {self.name!r} is not a span or step mode")
         hybrid = HybridConfig(threshold=threshold, estimator=self.estimator, codec=CodecSpec(self.codec),
                               settings=settings, max_new_tokens=max_new_tokens)
         return CoarseConfig(self.mode, hybrid, step_end_ids, gated=self.gated, marker_id=marker_id,
-                            judge_score=self.judge_score, judge_threshold=self.judge_threshold)
+                            judge_score=self.judge_score, judge_threshold=self.judge_threshold,
+                            step_end_chars=step_end_chars)
 
     def at(self, threshold: float) -> Policy:
         """The same policy at a fixed threshold, named ``name@u_th`` (threshold sweeps)."""

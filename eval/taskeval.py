@@ -17,6 +17,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from core.sampling import SamplingSettings
+from core.stops import ids_containing
 from edge.calibration import check_on_test, estimator_data, fit_estimators
 from edge.client import VerifierSession, generate_remote
 from edge.coarse import CoarseResult, generate_coarse
@@ -75,7 +76,7 @@ class Runner:
     def step_end_ids(self) -> frozenset[int]:
         """The ids that end a worked step of the task (span offload and step judging split there): every id
         whose text holds ``;`` or ``#``, the BPE's merged ``;-`` and `` #-`` included."""
-        return frozenset(i for i in range(self.model.runtime.id_space) if set(self.model.decode([i])) & STEP_END_CHARS)
+        return ids_containing((self.model.decode([i]) for i in range(self.model.runtime.id_space)), STEP_END_CHARS)
 
     def coarse(self, policy: Policy, problems, threshold: float, progress: bool = True,
                trace: TextIO | None = None) -> list[ProblemRun]:
@@ -83,7 +84,8 @@ class Runner:
         ``trace``, each generation's lines (mode coarse, the simulator's input) and a task line. span-learned's
         marker is the one the model's manifest declares."""
         marker_id = self.model.manifest.offload_marker_id if policy.mode == "span-learned" else None
-        config = policy.coarse(self.settings, threshold, self.step_end_ids(), marker_id)
+        config = policy.coarse(self.settings, threshold, self.step_end_ids(), marker_id,
+                               step_end_chars="".join(sorted(STEP_END_CHARS)))
         runs = []
         for i, problem in enumerate(tqdm(problems, desc=policy.name, unit="problem", leave=False,
                                          disable=not progress)):

@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from core.stops import ids_containing
 from models.task import STEP_END_TEXTS
+from proto.fingerprint import id_space
 
 MARKER_FILE = "span_marker.json"  # beside the transformers weights; read by models/export.py
 TASK_ALPHABET = frozenset("Q:A #+-=;0123456789")  # every character of a task text (tests check it)
@@ -60,8 +62,7 @@ def can_occur_in_task(tokenizer, token_id: int) -> bool:
 
 def step_end_ids(tokenizer) -> frozenset[int]:
     """Every id whose text holds a step end (``;`` or ``#``): ``;``, `` #`` and the merged ``;-``, `` #-``."""
-    vocab = tokenizer.get_vocab()
-    return frozenset(i for i in vocab.values() if set(token_text(tokenizer, i)) & STEP_END_CHARS)
+    return ids_containing((token_text(tokenizer, i) for i in range(id_space(tokenizer))), STEP_END_CHARS)
 
 
 def step_starts(solution_ids: list[int], ends: frozenset[int]) -> list[int]:

@@ -43,7 +43,7 @@ class Codec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., k: _Optional[int] = ..., eps: _Optional[float] = ..., k_max: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "prompt_ids", "seed", "codec", "report_target_prob", "protocol", "epoch", "conditioning_layer", "span_stop_ids")
+    __slots__ = ("fingerprint", "sampling", "prompt_ids", "seed", "codec", "report_target_prob", "protocol", "epoch", "conditioning_layer", "span_stop_ids", "span_stop_chars")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Open(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_LAYER_FIELD_NUMBER: _ClassVar[int]
     SPAN_STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_STOP_CHARS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     sampling: Sampling
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -64,7 +65,8 @@ class Open(_message.Message):
     epoch: int
     conditioning_layer: int
     span_stop_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., report_target_prob: _Optional[bool] = ..., protocol: _Optional[int] = ..., epoch: _Optional[int] = ..., conditioning_layer: _Optional[int] = ..., span_stop_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    span_stop_chars: str
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., report_target_prob: _Optional[bool] = ..., protocol: _Optional[int] = ..., epoch: _Optional[int] = ..., conditioning_layer: _Optional[int] = ..., span_stop_ids: _Optional[_Iterable[int]] = ..., span_stop_chars: _Optional[str] = ...) -> None: ...
 
 class DraftedPosition(_message.Message):
     __slots__ = ("token_id", "distribution")

@@ -211,6 +211,8 @@ SESSION_CASES = {
                                   INVALID, "span.stop_ids"),
     "Open span stop id out of range": (lambda m: [open_msg(m, span_stop_ids=[3, V + 2])], INVALID,
                                        "Open.span_stop_ids"),
+    "Open span stop characters too many": (lambda m: [open_msg(m, span_stop_chars=";" * 40)], INVALID,
+                                           "span_stop_chars"),
     "span at the context limit": (lambda m: [open_msg(m), verify_msg(pending=[5] * (MAX_CONTEXT - 3), drafts=0,
                                                                      span=pb.SpanRequest(max_tokens=4))],
                                   INVALID, "context limit"),

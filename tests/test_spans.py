@@ -175,3 +175,18 @@ def test_a_span_without_stop_ids_ends_at_the_sessions_and_its_own_override_them(
     assert checked(span=pb.SpanRequest(max_tokens=4, stop_ids=[3])).span == Span(frozenset({3}), 4)
     step = pb.StepToJudge(step_ids=[1, 2], score="min", threshold=0.5, regenerate=pb.SpanRequest(max_tokens=8))
     assert checked(step=step).step.regenerate == Span(session, 8)
+
+
+def test_stop_characters_give_both_sides_the_same_ids(engine):
+    """Open.span_stop_chars: the verifier's ids for ';#' are the edge's (its own tokenizers.Tokenizer decode) and
+    the span SLM's annotation rule's; the merged tokens (';-', ' #-') are among them."""
+    from tokenizers import Tokenizer
+
+    from core.stops import ids_containing
+    from models.span_marker import STEP_END_CHARS, step_end_ids
+
+    edge = Tokenizer.from_file(str(DEMO_PAIR / "slm" / "tokenizer.json"))
+    on_edge = ids_containing((edge.decode([i], skip_special_tokens=False) for i in range(engine.id_space)), ";#")
+    assert engine.ids_containing(";#") == on_edge == step_end_ids(engine.tokenizer)
+    assert {";", " #", ";-", " #-"} <= {edge.decode([i]) for i in on_edge} and len(on_edge) > 100
+    assert STEP_END_CHARS == frozenset(";#") and engine.ids_containing("") == frozenset()
