@@ -72,6 +72,8 @@ class CoarseScript:
     close_up: tuple[int, int]
     waits_opened: bool
     correct: bool | None = None
+    conditioned_prompt: int = 0  # > 0: a conditioned SLM's Open, the verifier prefills these tokens before Opened
+    open_wait_s: float = 0.0  # the recorded wait for that Opened (the recorded replay's)
     mode: str = field(default="coarse", init=False)
 
 
@@ -133,4 +135,5 @@ def build_coarse_script(g: Generation, compute: np.ndarray, head_s: float, frami
     return CoarseScript(n, float(g.open_s or 0.0), float(head_s), tuple(segments),
                         (framing.wire(g.open_up, first_of_call=True), g.open_up),
                         framing.wire(g.open_down, first_of_call=True, up=False), (framing.wire(close), close),
-                        any(r.waits_opened for r in rounds), g.correct)
+                        any(r.waits_opened for r in rounds), g.correct,
+                        conditioned_prompt=g.prompt_tokens if g.conditioned else 0, open_wait_s=g.open_wait_s)

@@ -2,7 +2,8 @@
 
 - Devices run generations back to back (closed loop, no think time), each starting at a random
   generation of the trace, until ``tokens_per_device`` tokens (the last generation is cut there).
-- Hybrid generation: Open up, Opened down (the verifier answers Open without a forward pass), then per
+- Hybrid generation: Open up, Opened down (the verifier answers Open without a forward pass, but for a
+  prompt-conditioned SLM's Open: a forward over the prompt, and that edge waits for Opened), then per
   Verify: the edge compute since the last committed token, the Verify up the shared uplink, a verifier
   job, the Verdict down; Close goes up without waiting. Cloud-only: the request goes up, the verifier
   produces one job per token back to back (it does not wait for the edge), each chunk goes down.
@@ -234,13 +235,7 @@ class _LoopReplay:
         self.up_grpc += s.open_up[1] + s.close_up[1]
         if s.open_s:
             yield env.timeout(s.open_s)
-        if self.recorded:
-            session = _Session(None, None)
-        else:  # Open goes up; nobody waits for Opened but a Verify too large to go before it
-            arrived = self.up.send(env, d, s.open_up[0])
-            opened = env.event() if s.waits_opened else None
-            arrived.callbacks.append(lambda _ev: self._opened(d, s.open_down, opened))
-            session = _Session(arrived, opened)
+        session = yield from self._open_session(d, s)
         if s.head_s > s.open_s:
             yield env.timeout(s.head_s - s.open_s)
         flights: deque[_Flight] = deque()
@@ -340,15 +335,30 @@ class _LoopReplay:
         if s.close_up[0] and not self.recorded:
             self.up.send(env, d, s.close_up[0])  # Close, after the last verdict; nobody waits for it
 
-    def _open_session(self, d: int, s: LoopScript | CoarseScript) -> _Session:
+    def _open_session(self, d: int, s: LoopScript | CoarseScript):
         """v2 edge: Open goes up (now, ``open_s`` into the generation); nobody waits for Opened but a Verify too
-        large to go before it."""
+        large to go before it, and a conditioned SLM's edge, whose Opened carries the prompt's states: the
+        verifier sends it after a forward over the prompt, and the edge prefills only then."""
         if self.recorded:
+            if s.open_wait_s:
+                yield self.env.timeout(s.open_wait_s)
             return _Session(None, None)
         arrived = self.up.send(self.env, d, s.open_up[0])
-        opened = self.env.event() if s.waits_opened else None
-        arrived.callbacks.append(lambda _ev: self._opened(d, s.open_down, opened))
-        return _Session(arrived, opened)
+        opened = self.env.event() if s.waits_opened or s.conditioned_prompt else None
+        if s.conditioned_prompt:
+            arrived.callbacks.append(lambda _ev: self.env.process(self._opened_after_prefill(d, s, opened)))
+        else:
+            arrived.callbacks.append(lambda _ev: self._opened(d, s.open_down, opened))
+        session = _Session(arrived, opened)
+        if s.conditioned_prompt:
+            yield opened
+        return session
+
+    def _opened_after_prefill(self, d: int, s: LoopScript | CoarseScript, opened: simpy.Event):
+        """A conditioned Open: the verifier's forward over the prompt, then Opened (with the states) down."""
+        yield self.verifier.submit(s.conditioned_prompt)
+        yield self.down.send(self.env, d, s.open_down, self.rpc_s)
+        opened.succeed()
 
     def _coarse(self, d: int, s: CoarseScript):
         """A coarse generation (``simulate/coarse.py``): per segment the edge's work as one delay, then its
@@ -358,7 +368,7 @@ class _LoopReplay:
         self.up_grpc += s.open_up[1] + s.close_up[1]
         if s.open_s:
             yield env.timeout(s.open_s)
-        session = self._open_session(d, s)
+        session = yield from self._open_session(d, s)
         if s.head_s > s.open_s:
             yield env.timeout(s.head_s - s.open_s)
         left = s.tokens  # latencies still to record (a cut or truncated generation records no more)

@@ -67,6 +67,8 @@ class LoopScript:
     close_up: tuple[int, int]
     correct: bool | None = None
     waits_opened: bool = False  # some Verify of it is large enough to wait for Opened
+    conditioned_prompt: int = 0  # > 0: a conditioned SLM's Open, the verifier prefills these tokens before Opened
+    open_wait_s: float = 0.0  # the recorded wait for that Opened (the recorded replay's)
     runs: dict = field(default_factory=dict)  # {i: run(i)} where stop-and-wait starts a run of skipped drafts
     mode: str = field(default="loop", init=False)
 
@@ -131,4 +133,5 @@ def build_loop_script(g: Generation, compute: np.ndarray, rb_compute: np.ndarray
                       (framing.wire(g.open_up, first_of_call=True), g.open_up),
                       framing.wire(g.open_down, first_of_call=True, up=False), (framing.wire(close), close),
                       g.correct, any(d.verify.waits_opened for d in final + doomed if d.verify)
-                      or any(d.verify.waits_opened for c in chains.values() for d in c if d.verify))
+                      or any(d.verify.waits_opened for c in chains.values() for d in c if d.verify),
+                      conditioned_prompt=g.prompt_tokens if g.conditioned else 0, open_wait_s=g.open_wait_s)

@@ -115,6 +115,8 @@ class Generation:
     stale_verifies: int = 0  # Verifies answered stale (all of them sent by rolled-back drafts)
     stale_up_bytes: int = 0  # their uplink gRPC bytes
     coarse: CoarseLog | None = None  # mode coarse: the drafts and round trips (``step_s`` is then [D], per draft)
+    conditioned: bool = False  # a prompt-conditioned SLM: the verifier prefilled the prompt at Open, the edge waited
+    open_wait_s: float = 0.0  # ... that wait for Opened, as recorded (replayed as Open up, a forward, Opened down)
     n_tokens: int | None = None  # mode coarse: tokens of the text (the drafts kept and the LLM's)
 
     def __post_init__(self):
@@ -175,7 +177,7 @@ class Generation:
             timed += float(self.wait_s.sum())
         else:
             timed += float(self.rb_step_s.sum() + self.rb_encode_s.sum() + self.blocked_s.sum())
-        return max(0.0, self.seconds - (self.open_s or 0.0) - timed)
+        return max(0.0, self.seconds - (self.open_s or 0.0) - self.open_wait_s - timed)
 
     @property
     def head_s(self) -> float | None:
@@ -185,10 +187,11 @@ class Generation:
 
     def prefilled(self) -> np.ndarray:
         """[T] tokens the verifier's forward pass covers per Verify: the prompt and the pending ids on the
-        first Verify (Open does no forward pass), afterwards the previous verdict's token plus pending."""
+        first Verify (Open does no forward pass, but for a conditioned SLM's), afterwards the previous verdict's
+        token plus pending."""
         out = self.pending + 1
         first = np.flatnonzero(self.sent)
-        if len(first):
+        if len(first) and not self.conditioned:
             out = out.copy()
             out[first[0]] = self.prompt_tokens + self.pending[first[0]]
         return out
@@ -268,6 +271,8 @@ class _Builder:
         self.open_down = _int(head, "downlink_bytes", where)
         self.lookahead = _int(head, "lookahead", where) if "lookahead" in head else 0
         self.open_s = _num(head, "open_s", where) if "open_s" in head and self.mode != "stream" else None
+        self.conditioned = head.get("conditioning_layer") is not None
+        self.open_wait_s = _num(head, "open_wait_s", where) if self.conditioned else 0.0
         if self.lookahead and self.open_s is None and self.mode == "hybrid":
             raise TraceError(f"{where}: field 'open_s' is missing (a pipelined generation's replay needs the v2 "
                              "edge's timers)")
@@ -278,7 +283,8 @@ class _Builder:
                 raise TraceError(f"{where}: field 'lookahead' must be 0 in a coarse generation (stop-and-wait)")
         self.drafts: list[tuple] = []  # coarse: (slm_step_s, kept, sent, step index) per draft
         self.rounds: list[tuple] = []  # coarse: per round trip, see round_trip
-        self.uncached = self.prompt_tokens  # coarse: agreed ids the verifier has not fed yet (coarse_forwards)
+        # coarse: agreed ids the verifier has not fed yet (coarse_forwards); a conditioned Open prefilled all but one
+        self.uncached = 1 if self.conditioned else self.prompt_tokens
         self.rows: list[tuple] = []
         self.extra: list[tuple] = []  # (encode_s, blocked_s, accepted) per token
         self.rolled: list[tuple] = []  # (index, slm_step_s, encode_s, where) per rolled-back draft
@@ -416,7 +422,8 @@ class _Builder:
         return Generation("coarse", self.prompt_tokens, self.open_up, open_down, close_up, step.astype(float),
                           np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
                           np.zeros(n, dtype=np.int64), zeros, zeros.copy(), _num(row, "seconds", where),
-                          open_s=self.open_s, coarse=log, n_tokens=tokens)
+                          open_s=self.open_s, coarse=log, n_tokens=tokens, conditioned=self.conditioned,
+                          open_wait_s=self.open_wait_s)
 
     def close(self, row: dict, where: str) -> Generation:
         if self.mode == "coarse":
@@ -460,7 +467,8 @@ class _Builder:
                           open_s=self.open_s, encode_s=encode.astype(float), blocked_s=blocked.astype(float),
                           queue_s=queue.astype(float),
                           accepted=accepted, rb_index=rb[:, 0].astype(np.int64), rb_step_s=rb[:, 1].copy(),
-                          rb_encode_s=rb[:, 2].copy(), chains=chains, stale_verifies=stale, stale_up_bytes=stale_up)
+                          rb_encode_s=rb[:, 2].copy(), chains=chains, stale_verifies=stale, stale_up_bytes=stale_up,
+                          conditioned=self.conditioned, open_wait_s=self.open_wait_s)
 
 
 def _assign_chains(rejected: np.ndarray, rb_index: np.ndarray, lookahead: int, wheres: list[str]) -> dict:

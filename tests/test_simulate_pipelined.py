@@ -296,3 +296,24 @@ def test_service_fit_leaves_the_model_queue_to_the_simulator(tmp_path):
     model = fit_service(load_trace(write(tmp_path / "t.jsonl", rows)))
     assert model.intercept_s + model.per_token_s * 4 == pytest.approx(0.004, abs=1e-9)
     assert model.time(PROMPT + 3) == pytest.approx(0.004, abs=1e-9)
+
+
+def test_a_conditioned_open_is_waited_for_and_prefills_the_prompt(tmp_path):
+    """A prompt-conditioned SLM (``conditioning_layer`` on the open line): Open goes up, the verifier runs a
+    forward over the prompt, Opened comes down, and only then does the edge prefill and draft; its first Verify
+    then covers the pending ids only. The recorded wait is replaced by the simulated one; a recorded replay keeps
+    the recorded wait."""
+    rows = generation(12, sent={3, 7, 11}, open_s=0.004, encode=0.0005)
+    rows[0].update(conditioning_layer=3, open_wait_s=0.03)
+    path = write(tmp_path / "t.jsonl", rows)
+    service = ServiceModel(0.003, 0.0001, 1, None)
+    result = run(path, rtt=0.04, rate=1e6, service=service)
+    f = Framing()
+    up = f.wire(UP) * 8 / 1e6
+    opened = f.wire(OPEN_UP, first_of_call=True) * 8 / 1e6 + 0.04 + service.time(PROMPT)
+    verified = [0.0015 + up + 0.04 + service.time(n) for n in (4, 4, 4)]  # the prompt was prefilled at Open
+    expected = sorted([0.001 + 0.004 + opened] + [0.001] * 8 + verified)
+    assert sorted(result.latencies) == pytest.approx(expected, abs=1e-8)
+    recorded = run(write(tmp_path / "r.jsonl", [dict(r, seconds=0.5) if r["kind"] == "close" else r for r in rows]),
+                   recorded=True)
+    assert recorded.metrics["makespan_s"] == pytest.approx(0.5, abs=1e-9)
