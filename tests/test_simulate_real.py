@@ -9,7 +9,7 @@ import pytest
 
 from simulate.config import parse_config
 from simulate.testbed.netns import unavailable_reason
-from eval.policies import COARSE, POLICIES
+from eval.policies import COARSE, POLICIES, on_slm
 from simulate.testbed.record import record_all
 from simulate.study import run_one
 
@@ -24,7 +24,8 @@ def traces(tmp_path_factory, slm_onnx):
 
 def test_recorded_traces_replay_for_every_policy(traces):
     manifest = json.loads((traces / "manifest.json").read_text())
-    replayed = {name for name, p in POLICIES.items() if p.route != COARSE}  # coarse modes: record --coarse
+    # coarse modes: record --coarse; policies of other edge models or a router: python -m simulate modes
+    replayed = {name for name, p in on_slm("demo").items() if p.route != COARSE}
     assert set(manifest["policies"]) == {*replayed, "default@0.2"}
     base = {"traces_dir": str(traces), "devices": 3, "tokens_per_device": 40,
             "network": {"rtt_s": 0.05, "uplink": {"rate_bps": 1e7}}}
