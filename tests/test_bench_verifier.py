@@ -33,7 +33,11 @@ def test_tiny_section_structure_and_exact_replay(slm_onnx, tmp_path):
         else:
             assert r["mean_batch_rows"] >= 1.0
     assert section["batched_speedup_64"] is None  # 64 sessions were not run
-    assert section["p50_ratio_1"] is not None and section["verdict_mismatches"] == 0
+    assert section["verdict_mismatches"] == 0
+    # p50 comes from the Verifies answered inside the 0.4 s window: on a loaded machine a row may count none
+    # (a timing, not a defect), and then the ratio is null rather than a made-up number
+    one = [r for r in rows if r["n_sessions"] == 1]
+    assert (section["p50_ratio_1"] is not None) == all(r["verifies_counted"] > 0 for r in one)
     assert section["streams"]["from_cache"] is False and section["streams"]["count"] >= 1
     for key in ("command", "load_average", "threads", "machine", "goal"):
         assert key in section

@@ -31,7 +31,7 @@ def _rows(path):
 def test_two_point_sweep_and_resume(slm_onnx, tmp_path):
     config = tmp_path / "sweep.json"
     config.write_text(json.dumps({"model": str(slm_onnx), "verifier_model": str(DEMO_PAIR / "llm"),
-                                  "problems": 12, "temperatures": [0.0], "estimators": ["max-prob"],
+                                  "problems": 6, "temperatures": [0.0], "estimators": ["max-prob"],
                                   "codecs": ["adaptive"], "thresholds": [0.01, 0.3]}))
     out = tmp_path / "out"
     proc = run_module("eval", "sweep", "--config", str(config), "--out", str(out), timeout=600)
